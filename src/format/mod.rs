@@ -1,0 +1,1 @@
+//! The chunked on-disk format.

@@ -1,0 +1,29 @@
+//! grok1: convert xAI's Grok-1 checkpoints into a chunked, checksummed quantized format and run
+//! them on one workstation.
+//!
+//! Data flows down this list, and only down:
+//!
+//! ```text
+//! checkpoint   safetensors / ckpt-0 pickles / torch .bin -> canonical tensors, zero-copy
+//! quant        rows of f32 -> blocks (q8, q4, bf16), ggml-compatible byte layouts
+//! format       chunks, shards, sha256, manifest written last; reader and verifier
+//! convert      the parallel, resumable pipeline that ties the three above together
+//! kernels      dot products and matrix products per CPU feature set
+//! model        the Grok-1 forward pass, readable top to bottom
+//! tokenizer    SentencePiece BPE, text in, text out
+//! ```
+//!
+//! The library never prints: progress flows out through callbacks and results.
+
+pub mod checkpoint;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod format;
+pub mod kernels;
+pub mod quant;
+pub mod synth;
+pub mod tokenizer;
+
+pub use config::GrokConfig;
+pub use error::{Error, Result};

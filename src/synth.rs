@@ -1,0 +1,1 @@
+//! Synthetic Grok-architecture checkpoints (in progress).
