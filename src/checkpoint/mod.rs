@@ -47,13 +47,19 @@ pub trait TensorSource: Send + Sync {
     /// Total bytes of tensor data in the input files.
     fn input_bytes(&self) -> u64;
 
+    /// Hint: rows `row0 .. row0 + nrows` of `t` will be read soon (start the reads now).
+    fn prefetch_rows(&self, _t: Tensor, _row0: usize, _nrows: usize) {}
+    /// Hint: rows `row0 .. row0 + nrows` of `t` will not be read again (drop them from this
+    /// process's memory, so peak RSS does not grow with the model).
+    fn done_with_rows(&self, _t: Tensor, _row0: usize, _nrows: usize) {}
+
     fn tensor(&self, t: Tensor) -> Option<&SourceTensor> {
         self.tensors().iter().find(|s| s.tensor == t)
     }
 }
 
 /// Open a checkpoint directory, detecting its layout.
-pub fn open(dir: &Path) -> Result<Box<dyn TensorSource>> {
+pub fn open(dir: &Path, _config_override: Option<&Path>) -> Result<Box<dyn TensorSource>> {
     if !dir.is_dir() {
         return Err(Error::bad_file(dir, "not a directory (expected a checkpoint directory)"));
     }
