@@ -220,9 +220,13 @@ mod tests {
         let err = |b: &[u8]| parse(b).unwrap_err();
         assert!(err(b"PK\x03\x04 not npy").contains("magic"));
         assert!(err(&good[..good.len() - 4]).contains("needs 16 data bytes"));
+        // Same-length edits of the header text; the binary parts stay as they are.
         let swap = |from: &str, to: &str| {
-            let s = String::from_utf8_lossy(&good).replace(from, to);
-            s.into_bytes()
+            assert_eq!(from.len(), to.len());
+            let mut b = good.clone();
+            let at = b.windows(from.len()).position(|w| w == from.as_bytes()).unwrap();
+            b[at..at + to.len()].copy_from_slice(to.as_bytes());
+            b
         };
         assert!(err(&swap("<f4", ">f4")).contains("little-endian"));
         assert!(err(&swap("<f4", "<i8")).contains("<i8"));

@@ -81,7 +81,8 @@ pub fn attend(
     assert!(n_keys <= stride && key_valid.len() >= n_keys);
     assert!(k.len() >= p.n_kv_heads * stride * hd && v.len() >= p.n_kv_heads * stride * hd);
 
-    let scores = grow(&mut scratch.scores, h_n * n_keys);
+    // Sized for a full cache at once, so that decoding does not regrow it token after token.
+    let scores = &mut grow(&mut scratch.scores, h_n * stride)[..h_n * n_keys];
     let out_hm = grow(&mut scratch.out_hm, t_n * qd);
     let (mult, cap) = (p.multiplier, p.logit_cap);
     let inv_cap = 1.0 / cap;

@@ -106,6 +106,8 @@ pub struct Agreement {
     pub max_abs: f64,
     /// Mean over positions of KL(softmax(golden) || softmax(ours)), in nats.
     pub mean_kl: f64,
+    /// Median over positions of the same; insensitive to a few routing flips.
+    pub median_kl: f64,
     /// Fraction of positions whose argmax agrees.
     pub top1: f64,
 }
@@ -114,7 +116,7 @@ pub fn compare(golden: &npy::NpyArray, ours: &[f32]) -> Agreement {
     let (t_n, v) = (golden.shape[0], golden.shape[1]);
     assert_eq!(ours.len(), t_n * v, "logit shape");
     let mut max_abs = 0f64;
-    let mut kl = 0f64;
+    let mut kls = Vec::with_capacity(t_n);
     let mut agree = 0;
     for t in 0..t_n {
         let g = golden.row(t);
@@ -123,10 +125,13 @@ pub fn compare(golden: &npy::NpyArray, ours: &[f32]) -> Agreement {
             max_abs = max_abs.max((a - b).abs());
         }
         let (lg, lo) = (log_softmax(g), log_softmax(&o));
-        kl += lg.iter().zip(&lo).map(|(p, q)| p.exp() * (p - q)).sum::<f64>();
+        kls.push(lg.iter().zip(&lo).map(|(p, q)| p.exp() * (p - q)).sum::<f64>());
         agree += (argmax(g) == argmax(&o)) as usize;
     }
-    Agreement { max_abs, mean_kl: kl / t_n as f64, top1: agree as f64 / t_n as f64 }
+    let mean_kl = kls.iter().sum::<f64>() / t_n as f64;
+    kls.sort_by(f64::total_cmp);
+    let median_kl = if t_n % 2 == 1 { kls[t_n / 2] } else { 0.5 * (kls[t_n / 2 - 1] + kls[t_n / 2]) };
+    Agreement { max_abs, mean_kl, median_kl, top1: agree as f64 / t_n as f64 }
 }
 
 pub fn log_softmax(x: &[f64]) -> Vec<f64> {
@@ -225,8 +230,8 @@ pub fn naive_forward(c: &GrokConfig, w: &Weights, tokens: &[u32], mask_pads: boo
             let a = norm(&a, &lw.attn_out_norm, c.rms_norm_eps);
             h[t].iter_mut().zip(&a).for_each(|(x, y)| *x += y);
         }
-        for t in 0..t_n {
-            let x = norm(&h[t], &lw.ffn_norm, c.rms_norm_eps);
+        for ht in h.iter_mut() {
+            let x = norm(ht, &lw.ffn_norm, c.rms_norm_eps);
             let r: Vec<f64> = lw.router.chunks(d).map(|row| row.iter().zip(&x).map(|(a, b)| *a as f64 * b).sum()).collect();
             let p: Vec<f64> = log_softmax(&r).iter().map(|x| x.exp()).collect();
             let mut order: Vec<usize> = (0..c.n_experts).collect();
@@ -246,7 +251,7 @@ pub fn naive_forward(c: &GrokConfig, w: &Weights, tokens: &[u32], mask_pads: boo
                 mv(&dn, &hid).iter().zip(m.iter_mut()).for_each(|(y, acc)| *acc += p[e] * y);
             }
             let m = norm(&m, &lw.ffn_out_norm, c.rms_norm_eps);
-            h[t].iter_mut().zip(&m).for_each(|(x, y)| *x += y);
+            ht.iter_mut().zip(&m).for_each(|(x, y)| *x += y);
         }
     }
     h.iter()
