@@ -20,6 +20,12 @@ pub struct Model {
     decode_scratch: Mutex<Scratch>,
 }
 
+// One model serves any number of caches, from any thread.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Model>();
+};
+
 /// Activations of one forward call, `[T, width]` each.
 #[derive(Default)]
 struct Scratch {
