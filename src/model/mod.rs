@@ -4,6 +4,7 @@
 pub mod attention;
 mod grok;
 pub mod kv_cache;
+pub mod load;
 pub mod moe;
 pub mod ops;
 pub mod weights;
