@@ -3,12 +3,17 @@
 
     python3 scripts/make_bin_fixture.py            # writes tests/data/bin/{keyfan,hpcai}/
     python3 scripts/make_bin_fixture.py --verify   # also torch.load them back (needs torch)
+    python3 scripts/make_bin_fixture.py --resave   # also tests/data/bin/torch-saved/ (needs torch)
 
 No torch is needed to write them: the archive is written here the way torch.save lays it out.
+Checked against torch 2.15: torch.load(weights_only=True) returns the safetensors values, and
+torch.save of the loaded state dicts writes a byte-identical data.pkl and the same records.
+`--resave` stores the keyfan shards once more through torch.save itself (views, shared storages
+and the index kept), so the reader is also tested on archives written by torch.
 
 * A zip of stored (uncompressed) records under one folder: `<archive>/data.pkl`,
-  `<archive>/byteorder` ("little"), `<archive>/data/<key>` (the raw storages),
-  `<archive>/version` ("3"), `<archive>/.data/serialization_id`. torch names the folder after
+  `.format_version` ("1"), `.storage_alignment` ("64"), `byteorder` ("little"),
+  `data/<key>` (the raw storages), `version` ("3\n"), `.data/serialization_id`. torch names the folder after
   the file (`pytorch_model-00001-of-00002`) when saving to a path, `archive` when saving to a
   file object; both occur here. Storage records start on 64-byte boundaries, padded with an
   extra field in the local header as torch's writer does.
@@ -118,7 +123,8 @@ def torch_save(state, path, archive):
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = m
-    records = [("data.pkl", buf.getvalue()), ("byteorder", b"little")]
+    records = [("data.pkl", buf.getvalue()), (".format_version", b"1"),
+               (".storage_alignment", b"64"), ("byteorder", b"little")]
     records += [("data/" + s.key, s.data) for s in p.storages]
     records += [("version", b"3\n"), (".data/serialization_id", b"0" * 40)]
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
@@ -271,10 +277,10 @@ def make_hpcai(src, out):
     copy_config(src, out)
 
 
-def copy_config(src, out):
-    with open(os.path.join(src, "config.json")) as f:
+def copy_config(src, out, name="config.json"):
+    with open(os.path.join(src, name)) as f:
         cfg = f.read()
-    with open(os.path.join(out, "config.json"), "w") as f:
+    with open(os.path.join(out, name), "w") as f:
         f.write(cfg)
 
 
@@ -295,16 +301,34 @@ def verify(src, out):
     print(f"verified with torch {torch.__version__}: {len(got)} tensors in {out}")
 
 
+def resave(src, out):
+    """torch.load the keyfan shards and torch.save them again, views and sharing intact."""
+    import torch
+
+    os.makedirs(out, exist_ok=True)
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".bin"):
+            torch.save(torch.load(os.path.join(src, f), weights_only=True), os.path.join(out, f))
+        elif f.endswith(".json"):
+            copy_config(src, out, f)
+    print(f"wrote {out} with torch {torch.__version__}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--micro", default=os.path.join(ROOT, "tests/data/micro"))
     ap.add_argument("--out", default=os.path.join(ROOT, "tests/data/bin"))
     ap.add_argument("--verify", action="store_true", help="torch.load the results (needs torch)")
+    ap.add_argument("--resave", action="store_true",
+                    help="also write <out>/torch-saved with torch.save itself (needs torch)")
     args = ap.parse_args()
     jobs = [(make_keyfan, "hf", "keyfan"), (make_hpcai, "hf-hpcai", "hpcai")]
     for make, src, dst in jobs:
         make(os.path.join(args.micro, src), os.path.join(args.out, dst))
         print(f"wrote {os.path.join(args.out, dst)}")
+    if args.resave:
+        resave(os.path.join(args.out, "keyfan"), os.path.join(args.out, "torch-saved"))
+        jobs.append((None, "hf", "torch-saved"))
     if args.verify:
         for _, src, dst in jobs:
             verify(os.path.join(args.micro, src), os.path.join(args.out, dst))

@@ -52,6 +52,19 @@ fn keyfan_shards_match_safetensors() {
 }
 
 #[test]
+fn shards_written_by_torch_itself_match_safetensors() {
+    // The keyfan shards loaded and saved again by torch.save (scripts/make_bin_fixture.py
+    // --resave), views and shared storages intact.
+    let a = compare(&Path::new(DATA).join("bin/torch-saved"), &Path::new(DATA).join("micro/hf"));
+    assert!(a.describe().contains("Keyfan"), "{}", a.describe());
+    let f = std::fs::read(Path::new(DATA).join("bin/torch-saved/pytorch_model-00001-of-00002.bin"))
+        .unwrap();
+    let ts = read_archive(&f).unwrap();
+    let q = ts.iter().find(|t| t.name.ends_with("0.multi_head_attention.key.weight")).unwrap();
+    assert_eq!(q.tensor.stride, vec![1, 32]);
+}
+
+#[test]
 fn hpcai_file_matches_safetensors() {
     let a = compare(&Path::new(DATA).join("bin/hpcai"), &Path::new(DATA).join("micro/hf-hpcai"));
     assert!(a.describe().contains("Hpcai"), "{}", a.describe());
@@ -145,13 +158,24 @@ fn refuses_damaged_or_foreign_archives_with_the_reason() {
 fn refuses_views_past_their_storage() {
     let d = copy_dir(&Path::new(DATA).join("bin/hpcai"));
     let f = d.path().join("pytorch_model.bin");
-    let mut bytes = std::fs::read(&f).unwrap();
-    // The first tensor's storage numel (BININT2 16384 = 256 x 64 embedding) shrunk by one.
+    let bytes = std::fs::read(&f).unwrap();
+    // The first storage reference: 'cpu' BINPUT, BININT2 numel (16384 = 256 x 64 embedding),
+    // TUPLE, BINPUT, BINPERSID, then the storage offset as BININT1 0.
     let at = bytes.windows(3).position(|w| w == b"cpu").unwrap();
-    assert_eq!((bytes[at + 3], bytes[at + 5]), (b'q', b'M'), "BINPUT, then BININT2");
-    assert_eq!(&bytes[at + 6..at + 8], &16384u16.to_le_bytes());
-    bytes[at + 6..at + 8].copy_from_slice(&16383u16.to_le_bytes());
-    std::fs::write(&f, &bytes).unwrap();
+    let (numel, offset) = (at + 6, at + 13);
+    assert_eq!([bytes[at + 3], bytes[at + 5], bytes[at + 8], bytes[at + 11]], *b"qMtQ");
+    assert_eq!(&bytes[numel..numel + 2], &16384u16.to_le_bytes());
+    assert_eq!((bytes[offset - 1], bytes[offset]), (b'K', 0));
+
+    let mut small = bytes.clone();
+    small[numel..numel + 2].copy_from_slice(&16383u16.to_le_bytes());
+    std::fs::write(&f, &small).unwrap();
+    let e = open_err(d.path());
+    assert!(e.contains("model.embed_tokens.weight") && e.contains("more elements"), "{e}");
+
+    let mut shifted = bytes.clone();
+    shifted[offset] = 1;
+    std::fs::write(&f, &shifted).unwrap();
     let e = open_err(d.path());
     assert!(e.contains("model.embed_tokens.weight") && e.contains("past its storage"), "{e}");
 }

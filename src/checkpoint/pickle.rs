@@ -94,9 +94,12 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// Real checkpoints stay far below these: a release file builds about 40 objects, and a
+    /// torch state dict about 15 per tensor (2115 tensors for Grok-1) with a stack of a few
+    /// thousand (SETITEMS batches of 1000 pairs).
     pub fn for_input(len: usize) -> Limits {
-        let n = len.clamp(64, 1 << 22);
-        Limits { max_stack: n.min(1 << 20), max_memo: n, max_objects: n }
+        let n = len.max(64);
+        Limits { max_stack: n.min(1 << 16), max_memo: n.min(1 << 20), max_objects: n.min(1 << 20) }
     }
 }
 

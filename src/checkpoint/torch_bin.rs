@@ -102,6 +102,15 @@ pub fn read_archive(bytes: &[u8]) -> std::result::Result<Vec<ArchiveTensor>, Str
                 t.shape.len()
             ));
         }
+        // A weight never overlaps itself, so it has no more elements than its storage; this
+        // also bounds what reading it allocates.
+        let numel = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if numel.map_or(true, |n| n > t.storage_numel) {
+            return Err(format!(
+                "`{name}`: size {:?} has more elements than its storage ({})",
+                t.shape, t.storage_numel
+            ));
+        }
         // The last element the view reaches must lie inside the storage.
         let reach = t.shape.iter().zip(&t.stride).try_fold(t.offset, |acc, (&n, &s)| {
             if n == 0 {

@@ -117,7 +117,13 @@ impl<'a> Vm<'a> {
                 self.describe(&func)
             ));
         };
-        let a = self.tuple(&args, "REDUCE arguments")?.to_vec();
+        let a = self.tuple(&args, "REDUCE arguments")?;
+        // Every allowed callable takes at most 7 arguments; checking first keeps the copy small
+        // even when a huge memoized tuple is passed again and again.
+        if a.len() > 7 {
+            return self.err(format!("REDUCE of {g:?} with {} arguments", a.len()));
+        }
+        let a = a.to_vec();
         match g {
             Global::NpReconstruct => {
                 if !matches!(a.first(), Some(Value::Global(Global::NpNdarray))) {
@@ -139,23 +145,10 @@ impl<'a> Vm<'a> {
                 };
                 self.alloc(Obj::Dtype(dt))
             }
-            Global::OrderedDict => {
-                let mut pairs = Vec::new();
-                if let Some(init) = a.first() {
-                    // OrderedDict([(k, v), ...]): only pairs, only from a list.
-                    let Some(Obj::List(l)) = self.obj(init) else {
-                        return self.err("OrderedDict built from something other than a list");
-                    };
-                    for p in l.clone() {
-                        let kv = self.tuple(&p, "OrderedDict item")?;
-                        if kv.len() != 2 {
-                            return self.err("OrderedDict item is not a pair");
-                        }
-                        pairs.push((kv[0].clone(), kv[1].clone()));
-                    }
-                }
-                self.alloc(Obj::Dict(pairs))
-            }
+            // state_dict() pickles as OrderedDict() followed by SETITEMS; building one from a
+            // list of pairs would copy the list at every REDUCE, quadratic on hostile input.
+            Global::OrderedDict if a.is_empty() => self.alloc(Obj::Dict(Vec::new())),
+            Global::OrderedDict => self.err("OrderedDict called with arguments"),
             Global::RebuildTensorV2 => self.rebuild_tensor(&a),
             Global::RebuildParameter => match a.first() {
                 Some(v) if matches!(self.obj(v), Some(Obj::Tensor(_))) => Ok(v.clone()),
@@ -221,13 +214,20 @@ impl<'a> Vm<'a> {
             }
             Obj::Quant { .. } => {
                 let d = match self.obj(&state) {
-                    Some(Obj::Dict(d)) => d.clone(),
+                    Some(Obj::Dict(d)) => d,
                     Some(Obj::Tuple(t)) if t.len() == 2 => match self.obj(&t[0]) {
-                        Some(Obj::Dict(d)) => d.clone(),
+                        Some(Obj::Dict(d)) => d,
                         _ => return self.err("QuantizedWeight8bit state is not a dict"),
                     },
                     _ => return self.err("QuantizedWeight8bit state is not a dict"),
                 };
+                if d.len() > 2 {
+                    return self.err(format!(
+                        "QuantizedWeight8bit state has {} fields, expected weight and scales",
+                        d.len()
+                    ));
+                }
+                let d = d.clone();
                 let (mut weight, mut scales) = (None, None);
                 for (k, v) in d {
                     match &k {
