@@ -332,12 +332,18 @@ impl Ckpt0Source {
             .ok_or_else(|| Error::bad_tensor(t.to_string(), "not in this checkpoint"))?;
         let shape = t.shape(&self.config);
         let (rows, cols) = if shape.len() == 1 { (1, shape[0]) } else { (shape[0], shape[1]) };
-        if len % cols != 0 || row0 + len / cols > rows {
+        if len % cols != 0 {
+            return Err(Error::bad_tensor(
+                t.to_string(),
+                format!("a buffer of {len} values is not a whole number of {cols}-value rows"),
+            ));
+        }
+        if row0.checked_add(len / cols).map_or(true, |end| end > rows) {
             return Err(Error::bad_tensor(
                 t.to_string(),
                 format!(
-                    "rows {row0}..+{} of {cols} columns: past the end ({rows} rows)",
-                    len as f64 / cols as f64
+                    "rows {row0}..{} are past the end ({rows} rows)",
+                    row0.saturating_add(len / cols)
                 ),
             ));
         }

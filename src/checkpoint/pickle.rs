@@ -171,7 +171,7 @@ fn opname(op: u8) -> String {
         b'p' => "PUT (protocol 0)".into(),
         b'T' | b'U' => "BINSTRING".into(),
         0x82..=0x84 => "EXT".into(),
-        0x8f | 0x90 | 0x91 => "set opcode".into(),
+        0x8f..=0x91 => "set opcode".into(),
         0x92 => "NEWOBJ_EX".into(),
         0x97 | 0x98 => "out-of-band buffer opcode".into(),
         _ => format!("0x{op:02x}"),

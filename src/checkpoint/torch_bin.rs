@@ -39,7 +39,7 @@ impl ArchiveTensor {
         }
     }
 
-    /// Every element as f32, row-major.
+    /// Every element as f32, row-major. `archive` is the buffer `read_archive` parsed.
     pub fn read_all(&self, archive: &[u8]) -> Vec<f32> {
         let (view, rows, cols) = self.view();
         let mut v = vec![0f32; rows * cols];
@@ -119,7 +119,7 @@ pub fn read_archive(bytes: &[u8]) -> std::result::Result<Vec<ArchiveTensor>, Str
                 acc.checked_add((n - 1).checked_mul(s)?)
             }
         });
-        let empty = t.shape.iter().any(|&n| n == 0);
+        let empty = t.shape.contains(&0);
         if !empty && reach.map_or(true, |r| r >= t.storage_numel) {
             return Err(format!(
                 "`{name}`: view (offset {}, size {:?}, stride {:?}) reaches past its storage of {} elements",
@@ -145,9 +145,12 @@ pub struct TorchBinSource {
     entries: HashMap<Tensor, Entry>,
 }
 
+/// Tensor name -> shard file, as an index lists them.
+type WeightMap = HashMap<String, String>;
+
 /// Shards from the index when there is one, else `pytorch_model*.bin`. Also returns the index's
-/// name -> shard map, to check against the shards' contents.
-fn shard_files(dir: &Path) -> Result<(Vec<String>, Option<HashMap<String, String>>)> {
+/// weight map, to check against the shards' contents.
+fn shard_files(dir: &Path) -> Result<(Vec<String>, Option<WeightMap>)> {
     let index = dir.join("pytorch_model.bin.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).at(&index)?;
@@ -311,7 +314,10 @@ impl TensorSource for TorchBinSource {
             .get(&t)
             .ok_or_else(|| Error::bad_tensor(t.to_string(), "not in this checkpoint"))?;
         let (view, rows, cols) = e.t.view();
-        if cols == 0 || out.len() % cols != 0 || row0 + out.len() / cols > rows {
+        if cols == 0
+            || out.len() % cols != 0
+            || row0.checked_add(out.len() / cols).map_or(true, |end| end > rows)
+        {
             return Err(Error::bad_tensor(t.to_string(), "row range past the end of the tensor"));
         }
         view.read_rows(&self.files[e.file].1[e.t.storage.clone()], cols, row0, out);
