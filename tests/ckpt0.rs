@@ -25,15 +25,15 @@ fn rows_of(src: &dyn TensorSource, t: Tensor) -> Vec<f32> {
     v
 }
 
-/// Every tensor bit-identical, and the int8 path consistent with it. Returns (tensors, bf16
-/// rounding cases) for the report.
-fn compare(ckpt0: &Path, hf: &Path) -> (usize, usize) {
+/// Every tensor bit-identical, and the int8 path consistent with it. Returns (tensors, products
+/// that bf16 rounding changed, scales not exact in f16) for the report.
+fn compare(ckpt0: &Path, hf: &Path) -> (usize, usize, usize) {
     let a = checkpoint::open(ckpt0, None).unwrap();
     let b = checkpoint::open(hf, None).unwrap();
     assert!(a.describe().starts_with("ckpt-0"), "{}", a.describe());
     assert_eq!(a.config(), b.config());
     assert_eq!(a.tensors().len(), b.tensors().len());
-    let mut rounded = 0;
+    let (mut rounded, mut not_f16) = (0, 0);
     for st in a.tensors() {
         let t = st.tensor;
         assert_eq!(st.shape, b.tensor(t).unwrap().shape, "{t}");
@@ -55,6 +55,7 @@ fn compare(ckpt0: &Path, hf: &Path) -> (usize, usize) {
                 assert_eq!(cols % g, 0);
                 let mut s = vec![0f32; rows * g];
                 assert!(a.read_rows_int8(t, 0, &mut q, &mut s).unwrap());
+                not_f16 += s.iter().filter(|&&x| half::f16::from_f32(x).to_f32() != x).count();
                 for r in 0..rows {
                     for c in 0..cols {
                         let exact = q[r * cols + c] as f32 * s[r * g + c / (cols / g)];
@@ -74,14 +75,16 @@ fn compare(ckpt0: &Path, hf: &Path) -> (usize, usize) {
             }
         }
     }
-    (a.tensors().len(), rounded)
+    (a.tensors().len(), rounded, not_f16)
 }
 
 #[test]
 fn micro_ckpt0_matches_its_safetensors_twin() {
-    let (n, rounded) = compare(&Path::new(MICRO).join("ckpt0"), &Path::new(MICRO).join("hf"));
+    let (n, rounded, not_f16) =
+        compare(&Path::new(MICRO).join("ckpt0"), &Path::new(MICRO).join("hf"));
     eprintln!(
-        "micro: {n} tensors bit-identical; {rounded} int8*scale products needed bf16 rounding"
+        "micro: {n} tensors bit-identical; bf16 rounding changed {rounded} int8*scale products; \
+         {not_f16} scales not exact in f16"
     );
     let a = Ckpt0Source::open(&Path::new(MICRO).join("ckpt0"), None).unwrap();
     // 2 of the 7 quantized kinds are row-parallel: G = 2 in this fixture, 1 elsewhere.
@@ -99,9 +102,10 @@ fn tiny_ckpt0_matches_its_safetensors_twin_and_reads_fast() {
         eprintln!("skipped: {} not present", dir.display());
         return;
     }
-    let (n, rounded) = compare(&dir.join("ckpt0"), &dir.join("hf"));
+    let (n, rounded, not_f16) = compare(&dir.join("ckpt0"), &dir.join("hf"));
     eprintln!(
-        "tiny: {n} tensors bit-identical; {rounded} int8*scale products needed bf16 rounding"
+        "tiny: {n} tensors bit-identical; bf16 rounding changed {rounded} int8*scale products; \
+         {not_f16} scales not exact in f16"
     );
 
     // Reading speed over the same weights, in 64-row batches, best of 3 (files already cached).

@@ -62,13 +62,20 @@ pub trait TensorSource: Send + Sync {
     ///
     /// This lets a q8_0 target keep the release's int8 values without re-rounding: when
     /// `cols / G` is a multiple of 32, each 32-block lies in one group and its block scale is that
-    /// group's scale. The block scale is f16, while these scales are bf16: a bf16 value is exact
-    /// in f16 only inside f16's normal range (2^-14 ..= 65504). Outside it (f16 overflow, or
-    /// precision lost to f16 subnormals) the caller must not copy the int8 values and should
-    /// requantize the f32 rows instead; check `half::f16::from_f32(s).to_f32() == s`.
+    /// group's scale. The block scale is f16, while these scales are bf16 (8 significant bits,
+    /// f32's exponent range): one is exact in f16 whenever it lies in f16's normal range
+    /// (2^-14 ..= 65504), overflows above it, and may lose bits to f16 subnormals below it. So
+    /// check `half::f16::from_f32(s).to_f32() == s` per group, and where it fails requantize
+    /// those blocks from `read_rows` instead of copying their int8 values.
     ///
     /// Returns `Ok(false)` (and leaves the buffers alone) for tensors that are not stored so.
-    fn read_rows_int8(&self, t: Tensor, row0: usize, q: &mut [i8], scales: &mut [f32]) -> Result<bool> {
+    fn read_rows_int8(
+        &self,
+        t: Tensor,
+        row0: usize,
+        q: &mut [i8],
+        scales: &mut [f32],
+    ) -> Result<bool> {
         let _ = (t, row0, q, scales);
         Ok(false)
     }
