@@ -73,6 +73,10 @@ pub struct ConvertSummary {
     pub expert_stored_bytes: u64,
     pub shards_written: usize,
     pub shards_reused: usize,
+    /// q8_0 blocks written with the source's original int8 values and scales (ckpt-0 input),
+    /// and q8_0 blocks written in total; the rest were quantized from the dequantized values.
+    pub int8_blocks_kept: u64,
+    pub q8_blocks: u64,
 }
 
 /// The work, planned in full before anything is written, so a resumed run plans identically.
@@ -135,6 +139,8 @@ struct PieceOut {
     stored: Vec<u8>,
     /// Raw bytes, kept only when they differ from `stored`.
     raw: Option<Vec<u8>>,
+    /// q8_0 blocks that carry the source's own int8 values (see `keep_source_int8`).
+    int8_blocks_kept: u64,
 }
 
 const PIECE_WEIGHTS: usize = 1 << 20;
@@ -280,16 +286,57 @@ fn run_piece(src: &dyn TensorSource, plan: &Plan, pc: &Piece, compression: Compr
     for (x, out) in rows.chunks_exact(part.cols).zip(raw.chunks_exact_mut(part.row_bytes)) {
         part.qtype.quantize_row(x, out);
     }
+    let mut kept = 0;
+    if part.qtype == QuantType::Q8_0 {
+        kept = keep_source_int8(src, part, pc, &mut raw)?;
+    }
     let is_expert = matches!(plan.items[pc.item].kind, ItemKind::Expert { .. });
     if compression == Compression::Zstd && is_expert {
         // Each piece is an independent zstd frame; a chunk is their concatenation, which a
         // zstd decoder reads as one stream.
         let stored = zstd::bulk::compress(&raw, 3)
             .map_err(|e| Error::Invalid(format!("zstd compression failed: {e}")))?;
-        Ok(PieceOut { stored, raw: Some(raw) })
+        Ok(PieceOut { stored, raw: Some(raw), int8_blocks_kept: kept })
     } else {
-        Ok(PieceOut { stored: raw, raw: None })
+        Ok(PieceOut { stored: raw, raw: None, int8_blocks_kept: kept })
     }
+}
+
+/// For a source stored as int8 with per-group scales (the release's ckpt-0), overwrite the
+/// freshly quantized q8_0 blocks of this piece with the source's own int8 values and scales
+/// wherever a block lies inside one scale group and the scale is exact in f16, so no weight is
+/// rounded twice. Blocks where that does not hold keep the quantization from the dequantized
+/// values. Returns the number of blocks kept.
+fn keep_source_int8(src: &dyn TensorSource, part: &Part, pc: &Piece, raw: &mut [u8]) -> Result<u64> {
+    const QK: usize = crate::quant::QK;
+    let Some(groups) = src.int8_groups(part.tensor) else { return Ok(0) };
+    let group_len = part.cols / groups.max(1);
+    if groups == 0 || part.cols % groups != 0 || group_len % QK != 0 {
+        return Ok(0);
+    }
+    let mut q = vec![0i8; pc.nrows * part.cols];
+    let mut scales = vec![0f32; pc.nrows * groups];
+    if !src.read_rows_int8(part.tensor, pc.row0, &mut q, &mut scales)? {
+        return Ok(0);
+    }
+    let mut kept = 0;
+    let block_bytes = QuantType::Q8_0.block_bytes();
+    for r in 0..pc.nrows {
+        for b in 0..part.cols / QK {
+            let s = scales[r * groups + b * QK / group_len];
+            let d = half::f16::from_f32(s);
+            if d.to_f32() != s {
+                continue;
+            }
+            let out = &mut raw[r * part.row_bytes + b * block_bytes..][..block_bytes];
+            out[..2].copy_from_slice(&d.to_le_bytes());
+            for (o, &v) in out[2..].iter_mut().zip(&q[r * part.cols + b * QK..][..QK]) {
+                *o = v as u8;
+            }
+            kept += 1;
+        }
+    }
+    Ok(kept)
 }
 
 /// Convert `src` into the chunked format in `dst`.
@@ -339,6 +386,7 @@ pub fn convert(
         std::env::var("GROK1_CRASH_AFTER_PIECES").ok().and_then(|v| v.parse().ok());
 
     let mut written = Vec::new();
+    let mut int8_blocks_kept = 0u64;
     std::thread::scope(|scope| -> Result<()> {
         // Owned here so that an early error return drops it and unblocks the producer.
         let rx = rx;
@@ -390,6 +438,7 @@ pub fn convert(
                         debug_assert!(pc.item == ii && pc.part == pi);
                         let out = rx.recv().map_err(|_| Error::Invalid("quantization stopped".into()))??;
                         w.write(&out.stored)?;
+                        int8_blocks_kept += out.int8_blocks_kept;
                         item_hash.update(&out.stored);
                         let raw = out.raw.as_deref().unwrap_or(&out.stored);
                         let tensor_bytes = (pc.nrows * part.row_bytes).min(raw.len());
@@ -504,6 +553,14 @@ pub fn convert(
         expert_stored_bytes: manifest.experts.iter().map(|c| c.bytes).sum(),
         shards_written: written.len(),
         shards_reused: manifest.shards.len() - written.len(),
+        int8_blocks_kept,
+        q8_blocks: plan
+            .items
+            .iter()
+            .flat_map(|i| &i.parts)
+            .filter(|p| p.qtype == QuantType::Q8_0)
+            .map(|p| (p.rows * p.cols / crate::quant::QK) as u64)
+            .sum(),
     })
 }
 

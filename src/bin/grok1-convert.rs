@@ -128,6 +128,12 @@ fn run() -> Result<()> {
                 summary.shards_written,
                 summary.shards_reused
             );
+            if summary.int8_blocks_kept > 0 {
+                eprintln!(
+                    "q8_0: {} of {} blocks keep the checkpoint's own int8 values and scales; the rest were quantized from the dequantized weights",
+                    summary.int8_blocks_kept, summary.q8_blocks
+                );
+            }
             if opts.compression == Compression::Zstd {
                 eprintln!(
                     "zstd: expert chunks {:.3} GB raw -> {:.3} GB stored (ratio {:.3})",
