@@ -225,7 +225,10 @@ fn weight_statistics_match_the_preset() {
         // Sampling error of the mean is std/sqrt(n); of the std about std * sqrt((kurt-1)/4n).
         let mean_tol = 5.0 * want_std / n.sqrt();
         let std_tol = 5.0 * want_std * ((kurt - 1.0) / (4.0 * n)).sqrt() + 0.004 * want_std;
-        assert!((mean - want_mean).abs() < mean_tol, "{t}: mean {mean}, want {want_mean} +- {mean_tol}");
+        assert!(
+            (mean - want_mean).abs() < mean_tol,
+            "{t}: mean {mean}, want {want_mean} +- {mean_tol}"
+        );
         assert!((std - want_std).abs() < std_tol, "{t}: std {std}, want {want_std} +- {std_tol}");
         if heavy && n > 100_000.0 {
             // Table kurtosis ~6 (3 for a normal); outliers beyond 8 sigma exist.
@@ -252,9 +255,15 @@ fn random_model_behaves_like_a_model() {
         .collect();
     let s = forward::run(&*src, &tokens);
     eprintln!("residual rms per layer {:?}", s.residual_rms);
-    eprintln!("attention logit std {:.3}, entropy/ln(keys) {:.3}", s.attn_logit_std, s.attn_entropy_ratio);
+    eprintln!(
+        "attention logit std {:.3}, entropy/ln(keys) {:.3}",
+        s.attn_logit_std, s.attn_entropy_ratio
+    );
     for (l, share) in s.expert_share.iter().enumerate() {
-        eprintln!("layer {l} expert shares {:?}", share.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>());
+        eprintln!(
+            "layer {l} expert shares {:?}",
+            share.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>()
+        );
     }
     eprintln!(
         "top-1 router prob {:.3}, logit std {:.3}, distinct argmax {}, echoes input {:.2}",
@@ -264,8 +273,16 @@ fn random_model_behaves_like_a_model() {
     for (l, r) in s.residual_rms.iter().enumerate() {
         assert!(*r > 0.3 && *r < 10.0, "layer {l}: residual rms {r}");
     }
-    assert!(s.attn_logit_std > 1.0 && s.attn_logit_std < 10.0, "attention logit std {}", s.attn_logit_std);
-    assert!(s.attn_entropy_ratio > 0.3 && s.attn_entropy_ratio < 0.95, "entropy {}", s.attn_entropy_ratio);
+    assert!(
+        s.attn_logit_std > 1.0 && s.attn_logit_std < 10.0,
+        "attention logit std {}",
+        s.attn_logit_std
+    );
+    assert!(
+        s.attn_entropy_ratio > 0.3 && s.attn_entropy_ratio < 0.95,
+        "entropy {}",
+        s.attn_entropy_ratio
+    );
     let e = p.config.n_experts as f64;
     for (l, share) in s.expert_share.iter().enumerate() {
         let max = share.iter().cloned().fold(0.0, f64::max);
@@ -302,7 +319,11 @@ fn tokenizer_is_written_when_given() {
     let p = preset("micro");
     let dir = tempfile::tempdir().unwrap();
     let tok = b"not really a sentencepiece model".to_vec();
-    write(&p, dir.path(), &SynthOptions { tokenizer_model: Some(tok.clone()), ..Default::default() });
+    write(
+        &p,
+        dir.path(),
+        &SynthOptions { tokenizer_model: Some(tok.clone()), ..Default::default() },
+    );
     assert_eq!(std::fs::read(dir.path().join("tokenizer.model")).unwrap(), tok);
     let src = checkpoint::open(dir.path()).unwrap();
     assert_eq!(src.tokenizer_path(), Some(dir.path().join("tokenizer.model")));
@@ -333,4 +354,46 @@ fn refuses_to_mix_with_another_checkpoint() {
     let msg = e.to_string();
     assert!(matches!(e, Error::BadFile { .. }) && msg.contains("-of-00005.safetensors"), "{msg}");
     assert!(!dir.path().join("model.safetensors").exists());
+}
+
+/// `cargo test --release --test synth -- --ignored --nocapture`: writes the 7.1 GB bench preset
+/// into the temp directory, reports the rate, and deletes it.
+#[test]
+#[ignore]
+fn bench_preset_write_throughput() {
+    let p = preset("bench");
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SynthOptions::default();
+    let cpu0 = cpu_seconds();
+    let start = std::time::Instant::now();
+    let last = Cell::new(start);
+    let s = synth::write(&p, dir.path(), &opts, &|_| last.set(std::time::Instant::now())).unwrap();
+    let total = start.elapsed().as_secs_f64();
+    let data = (last.get() - start).as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    eprintln!(
+        "bench preset: {} files, {} bytes of data ({} in files) in {total:.2} s = {:.2} GB/s \
+         including fsync and rename; last byte handed to the OS after {data:.2} s; {} threads",
+        s.files.len(),
+        s.data_bytes,
+        s.file_bytes,
+        s.data_bytes as f64 / total / 1e9,
+        rayon::current_num_threads()
+    );
+    // The machine may be shared: CPU time tells what two free cores would do.
+    eprintln!(
+        "CPU time {cpu:.2} s (user + system, all threads): {:.2} GB per CPU-second",
+        s.data_bytes as f64 / cpu / 1e9
+    );
+    assert_eq!(s.data_bytes, 7_147_491_328);
+    let src = checkpoint::open(dir.path()).unwrap();
+    assert_eq!(src.input_bytes(), 7_147_491_328);
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
+    t(ru.ru_utime) + t(ru.ru_stime)
 }

@@ -15,7 +15,10 @@ pub const TABLE_LEN: usize = 1 << TABLE_BITS;
 pub enum Shape {
     Normal,
     /// `(1 - fraction) * N(0, 1) + fraction * N(0, scale^2)`, rescaled to unit variance.
-    Mixture { fraction: f64, scale: f64 },
+    Mixture {
+        fraction: f64,
+        scale: f64,
+    },
 }
 
 /// What one tensor is drawn from: `mean + std * z`, `z` of unit variance with the given shape.

@@ -11,7 +11,8 @@
 //! 16 random bits per weight, no transcendental functions, gigabytes per second per core.
 //!
 //! Files are written under temporary names, fsynced and renamed into place; the index (or the
-//! single `model.safetensors`) comes last, so a checkpoint that opens is complete.
+//! single `model.safetensors`) comes last, so a checkpoint that opens is complete. `progress`
+//! reaches its total when the last byte is handed to the kernel; the final fsyncs follow.
 
 mod dist;
 mod plan;
@@ -137,13 +138,21 @@ pub fn write(
     };
 
     let mut done = 0u64;
+    let mut pending = Vec::with_capacity(plan.files.len());
     for file in &plan.files {
         let sources: Vec<writer::Source> = file
             .items
             .iter()
-            .map(|it| writer::Source::new(&it.source.to_string(), table_for(preset.init_of(it.source))))
+            .map(|it| {
+                writer::Source::new(&it.source.to_string(), table_for(preset.init_of(it.source)))
+            })
             .collect();
-        writer::write_file(out_dir, file, &sources, opts.seed, &mut done, progress)?;
+        pending.push(writer::write_file(out_dir, file, &sources, opts.seed, &mut done, progress)?);
+    }
+    // Fsync only now: the kernel has been writing earlier shards back while later ones were
+    // generated. Anything uncommitted is removed when `pending` drops on an error.
+    for p in pending.drain(..) {
+        p.commit()?;
     }
     if let Some(index) = &plan.index_json {
         write_atomic(&out_dir.join("model.safetensors.index.json"), index.as_bytes())?;
@@ -263,6 +272,9 @@ mod tests {
         let dir = std::env::temp_dir();
         check_free_space(&dir, 1 << 20).unwrap();
         let e = check_free_space(&dir, u64::MAX / 2).unwrap_err().to_string();
-        assert!(e.contains("not enough free space") && e.contains(&dir.display().to_string()), "{e}");
+        assert!(
+            e.contains("not enough free space") && e.contains(&dir.display().to_string()),
+            "{e}"
+        );
     }
 }

@@ -49,10 +49,9 @@ pub fn hf_name(t: Tensor, naming: Naming) -> String {
                 AttnV(l) => layer(l, "attn.v_proj.weight"),
                 AttnO(l) => layer(l, "attn.o_proj.weight"),
                 Router(l) => layer(l, "moe_block.gate.weight"),
-                Expert { layer: l, expert, proj } => layer(
-                    l,
-                    &format!("moe_block.experts.{expert}.{}.weight", release_proj(proj)),
-                ),
+                Expert { layer: l, expert, proj } => {
+                    layer(l, &format!("moe_block.experts.{expert}.{}.weight", release_proj(proj)))
+                }
             }
         }
     }
@@ -88,7 +87,11 @@ pub struct Item {
 
 impl Item {
     pub fn rows(&self) -> usize {
-        if self.shape.len() == 1 { 1 } else { self.shape[0] }
+        if self.shape.len() == 1 {
+            1
+        } else {
+            self.shape[0]
+        }
     }
     pub fn cols(&self) -> usize {
         *self.shape.last().unwrap()
@@ -154,10 +157,8 @@ pub fn plan(preset: &Preset, opts: &SynthOptions) -> Result<Plan> {
         return Err(Error::Invalid("shard size must be at least one byte".into()));
     }
     let esize = opts.dtype.bytes() as u64;
-    let mut items: Vec<Item> = storage_order(c)
-        .into_iter()
-        .map(|t| item(hf_name(t, opts.naming), t, c, esize))
-        .collect();
+    let mut items: Vec<Item> =
+        storage_order(c).into_iter().map(|t| item(hf_name(t, opts.naming), t, c, esize)).collect();
     if opts.write_lm_head {
         items.push(item(LM_HEAD.into(), Tensor::Embedding, c, esize));
     }
@@ -315,7 +316,8 @@ mod tests {
     fn config_json_matches_the_fixture_key_for_key() {
         for (naming, dir) in [(Naming::Keyfan, "hf"), (Naming::Hpcai, "hf-hpcai")] {
             let path = format!("{}/tests/data/micro/{dir}/config.json", env!("CARGO_MANIFEST_DIR"));
-            let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            let fixture: Value =
+                serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
             let c = Preset::by_name("micro").unwrap().config;
             let ours: Value = serde_json::from_str(&config_json(&c, naming)).unwrap();
             let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
@@ -323,7 +325,9 @@ mod tests {
             for (k, v) in fixture.as_object().unwrap() {
                 let o = &ours[k];
                 match (v.as_f64(), o.as_f64()) {
-                    (Some(a), Some(b)) => assert!((a - b).abs() <= 1e-15 * a.abs(), "{k}: {a} vs {b}"),
+                    (Some(a), Some(b)) => {
+                        assert!((a - b).abs() <= 1e-15 * a.abs(), "{k}: {a} vs {b}")
+                    }
                     _ => assert_eq!(o, v, "{k}"),
                 }
             }
@@ -339,7 +343,10 @@ mod tests {
         assert!(plan.files.len() > 5);
         let mut seen = 0;
         for (i, f) in plan.files.iter().enumerate() {
-            assert_eq!(f.name, format!("model-{:05}-of-{:05}.safetensors", i + 1, plan.files.len()));
+            assert_eq!(
+                f.name,
+                format!("model-{:05}-of-{:05}.safetensors", i + 1, plan.files.len())
+            );
             assert!(f.data_bytes <= opts.shard_bytes || f.items.len() == 1);
             assert_eq!(f.header.len() % 8, 0);
             let mut off = 0;

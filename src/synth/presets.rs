@@ -109,8 +109,14 @@ impl Preset {
 
     pub fn by_name(name: &str) -> Option<Preset> {
         let (about, config) = match name {
-            "micro" => ("the shapes of the micro test fixture; under 1 MB", shape(256, 64, 2, 8, 2, 4, 2, 16, 128)),
-            "tiny" => ("demo model: converts and runs in seconds; 52 MB", shape(1024, 256, 4, 8, 2, 8, 2, 32, 1024)),
+            "micro" => (
+                "the shapes of the micro test fixture; under 1 MB",
+                shape(256, 64, 2, 8, 2, 4, 2, 16, 128),
+            ),
+            "tiny" => (
+                "demo model: converts and runs in seconds; 52 MB",
+                shape(1024, 256, 4, 8, 2, 8, 2, 32, 1024),
+            ),
             "small" => ("a few hundred MB, vocab 8192", shape(8192, 512, 6, 8, 2, 8, 2, 64, 1536)),
             "bench" => (
                 "the runner's benchmark shape; 3.57 B parameters, 7.15 GB",
@@ -184,7 +190,11 @@ mod tests {
         // 8 layers x (attention 10,485,760 + router 16,384 + norms 8,192 + experts 402,653,184)
         // + embedding 268,435,456 + final norm 2,048.
         assert_eq!(bench.params(), 3_573_745_664);
-        assert_eq!(bench.params() + 131072 * 2048, 3_842_181_120, "with the tied head counted twice");
+        assert_eq!(
+            bench.params() + 131072 * 2048,
+            3_842_181_120,
+            "with the tied head counted twice"
+        );
         assert_eq!(Preset::by_name("tiny").unwrap().params(), 26_095_872);
         assert_eq!(Preset::by_name("small").unwrap().params(), 121_410_048);
         assert_eq!(Preset::by_name("large").unwrap().params(), 8_531_707_904);

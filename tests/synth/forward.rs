@@ -67,7 +67,9 @@ pub fn run(src: &dyn TensorSource, tokens: &[u32]) -> Stats {
     let emb = load(src, Tensor::Embedding);
     let mut h: Vec<Vec<f32>> = tokens
         .iter()
-        .map(|&t| emb[t as usize * d..][..d].iter().map(|v| v * c.embedding_multiplier as f32).collect())
+        .map(|&t| {
+            emb[t as usize * d..][..d].iter().map(|v| v * c.embedding_multiplier as f32).collect()
+        })
         .collect();
     let (mut logit_sum, mut logit_sq, mut logit_n) = (0f64, 0f64, 0f64);
     let (mut ent_sum, mut ent_n) = (0f64, 0f64);
@@ -75,8 +77,13 @@ pub fn run(src: &dyn TensorSource, tokens: &[u32]) -> Stats {
     let mut residual_rms = vec![];
     let mut expert_share = vec![];
     for l in 0..c.n_layers {
-        let [n0, n1, n2, n3] = [Tensor::AttnNorm(l), Tensor::AttnOutNorm(l), Tensor::FfnNorm(l), Tensor::FfnOutNorm(l)]
-            .map(|t| load(src, t));
+        let [n0, n1, n2, n3] = [
+            Tensor::AttnNorm(l),
+            Tensor::AttnOutNorm(l),
+            Tensor::FfnNorm(l),
+            Tensor::FfnOutNorm(l),
+        ]
+        .map(|t| load(src, t));
         let (wq, wk, wv, wo) = (
             load(src, Tensor::AttnQ(l)),
             load(src, Tensor::AttnK(l)),
@@ -117,7 +124,8 @@ pub fn run(src: &dyn TensorSource, tokens: &[u32]) -> Stats {
                 let e: Vec<f64> = logits.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 if p >= 8 {
-                    let ent: f64 = e.iter().map(|v| v / z).filter(|w| *w > 0.0).map(|w| -w * w.ln()).sum();
+                    let ent: f64 =
+                        e.iter().map(|v| v / z).filter(|w| *w > 0.0).map(|w| -w * w.ln()).sum();
                     ent_sum += ent / ((p + 1) as f64).ln();
                     ent_n += 1.0;
                 }
@@ -153,8 +161,11 @@ pub fn run(src: &dyn TensorSource, tokens: &[u32]) -> Stats {
                 counts[ex] += 1.0;
                 let g = (e[ex] / z) as f32;
                 let [wg, wu, wd] = &experts[ex];
-                let hid: Vec<f32> =
-                    matvec(wg, &xn).iter().zip(matvec(wu, &xn)).map(|(a, b)| gelu(*a) * b).collect();
+                let hid: Vec<f32> = matvec(wg, &xn)
+                    .iter()
+                    .zip(matvec(wu, &xn))
+                    .map(|(a, b)| gelu(*a) * b)
+                    .collect();
                 y.iter_mut().zip(matvec(wd, &hid)).for_each(|(o, v)| *o += g * v);
             }
             let y = rms_norm(&y, &n3, c.rms_norm_eps);
@@ -175,7 +186,8 @@ pub fn run(src: &dyn TensorSource, tokens: &[u32]) -> Stats {
         ls += logits.iter().map(|v| *v as f64).sum::<f64>();
         lsq += logits.iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
         ln += logits.len() as f64;
-        let best = (0..logits.len()).max_by(|&a, &b| logits[a].partial_cmp(&logits[b]).unwrap()).unwrap();
+        let best =
+            (0..logits.len()).max_by(|&a, &b| logits[a].partial_cmp(&logits[b]).unwrap()).unwrap();
         argmax.push(best);
     }
     let copies = argmax.iter().zip(tokens).filter(|(a, t)| **a == **t as usize).count();
