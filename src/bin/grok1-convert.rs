@@ -63,6 +63,18 @@ enum Cmd {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Tensor naming: keyfan (GrokForCausalLM) or hpcai (Grok1ModelForCausalLM).
+        #[arg(long, default_value = "keyfan", value_parser = ["keyfan", "hpcai"])]
+        naming: String,
+        /// Largest safetensors shard in MiB.
+        #[arg(long, default_value_t = 2048)]
+        shard_mib: u64,
+        /// Also write the tied `lm_head.weight`, as the keyfan upload does.
+        #[arg(long)]
+        lm_head: bool,
+        /// Do not write a synthetic tokenizer.model.
+        #[arg(long)]
+        no_tokenizer: bool,
     },
 }
 
@@ -195,6 +207,50 @@ fn run() -> Result<()> {
             println!("weight bytes per decoded token: {:.3} GB", i.bytes_per_token as f64 / 1e9);
             Ok(())
         }
-        Cmd::Synth { .. } => bail!("synth: not available in this build"),
+        Cmd::Synth { preset, out, seed, naming, shard_mib, lm_head, no_tokenizer } => {
+            let Some(p) = grok1::synth::Preset::by_name(&preset) else {
+                bail!("unknown preset `{preset}`; presets: {}", grok1::synth::Preset::NAMES.join(", "));
+            };
+            let tokenizer_model = if no_tokenizer {
+                None
+            } else if p.config.vocab_size < grok1::tokenizer::synth::MIN_VOCAB {
+                eprintln!(
+                    "note: vocabulary of {} is too small for a synthetic tokenizer (needs {}); use --tokens with this model",
+                    p.config.vocab_size,
+                    grok1::tokenizer::synth::MIN_VOCAB
+                );
+                None
+            } else {
+                Some(
+                    grok1::tokenizer::synth::try_build_model(p.config.vocab_size)
+                        .map_err(|e| anyhow::anyhow!("building a tokenizer for preset {preset}: {e}"))?,
+                )
+            };
+            let opts = grok1::synth::SynthOptions {
+                seed,
+                naming: match naming.as_str() {
+                    "hpcai" => grok1::checkpoint::Naming::Hpcai,
+                    _ => grok1::checkpoint::Naming::Keyfan,
+                },
+                shard_bytes: shard_mib << 20,
+                write_lm_head: lm_head,
+                tokenizer_model,
+                ..Default::default()
+            };
+            let plan = grok1::synth::plan(&p, &opts)?;
+            let pb = bar(plan.data_bytes(), "writing");
+            let start = Instant::now();
+            let s = grok1::synth::write(&p, &out, &opts, &|n| pb.set_position(n))?;
+            pb.finish_and_clear();
+            eprintln!(
+                "wrote preset {preset} ({} parameters, {} tensors) to {} in {:.1} s: {}",
+                s.params,
+                s.n_tensors,
+                out.display(),
+                start.elapsed().as_secs_f64(),
+                s.files.join(", ")
+            );
+            Ok(())
+        }
     }
 }
