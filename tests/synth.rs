@@ -72,7 +72,7 @@ fn tiny_opens_in_both_namings_single_file_and_sharded() {
             let dir = tempfile::tempdir().unwrap();
             let opts = SynthOptions { seed: 7, naming, shard_bytes, ..Default::default() };
             let s = write(&p, dir.path(), &opts);
-            let src = checkpoint::open(dir.path()).unwrap();
+            let src = checkpoint::open(dir.path(), None).unwrap();
             assert_same_config(src.config(), &p.config);
             assert!(src.describe().contains(&format!("{naming:?}")), "{}", src.describe());
             assert_eq!(src.tensors().len(), Tensor::all(&p.config).len());
@@ -132,7 +132,7 @@ fn index_and_headers_describe_the_files() {
     }
     assert_eq!(on_disk, s.file_bytes);
     // The tied head is a copy of the embedding and readers skip it.
-    let src = checkpoint::open(dir.path()).unwrap();
+    let src = checkpoint::open(dir.path(), None).unwrap();
     let bytes = std::fs::read(dir.path().join(s.files.last().unwrap())).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let head: Vec<f32> = st
@@ -178,7 +178,7 @@ fn f32_checkpoint_rounds_to_the_bf16_one() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     write(&p, a.path(), &SynthOptions { seed: 3, ..Default::default() });
     write(&p, b.path(), &SynthOptions { seed: 3, dtype: SynthDtype::F32, ..Default::default() });
-    let (bf, f) = (checkpoint::open(a.path()).unwrap(), checkpoint::open(b.path()).unwrap());
+    let (bf, f) = (checkpoint::open(a.path(), None).unwrap(), checkpoint::open(b.path(), None).unwrap());
     assert!(f.tensors().iter().all(|t| t.dtype == "f32"));
     let mut inexact = 0;
     for t in Tensor::all(&p.config) {
@@ -206,7 +206,7 @@ fn weight_statistics_match_the_preset() {
     let p = preset("tiny");
     let dir = tempfile::tempdir().unwrap();
     write(&p, dir.path(), &SynthOptions { seed: 11, ..Default::default() });
-    let src = checkpoint::open(dir.path()).unwrap();
+    let src = checkpoint::open(dir.path(), None).unwrap();
     let c = &p.config;
     let fan = |n: usize| 1.0 / (n as f64).sqrt();
     let cases = [
@@ -245,7 +245,7 @@ fn random_model_behaves_like_a_model() {
     let p = preset("tiny");
     let dir = tempfile::tempdir().unwrap();
     write(&p, dir.path(), &SynthOptions { seed: 1, ..Default::default() });
-    let src = checkpoint::open(dir.path()).unwrap();
+    let src = checkpoint::open(dir.path(), None).unwrap();
     let mut state = 12345u64;
     let tokens: Vec<u32> = (0..64)
         .map(|_| {
@@ -325,7 +325,7 @@ fn tokenizer_is_written_when_given() {
         &SynthOptions { tokenizer_model: Some(tok.clone()), ..Default::default() },
     );
     assert_eq!(std::fs::read(dir.path().join("tokenizer.model")).unwrap(), tok);
-    let src = checkpoint::open(dir.path()).unwrap();
+    let src = checkpoint::open(dir.path(), None).unwrap();
     assert_eq!(src.tokenizer_path(), Some(dir.path().join("tokenizer.model")));
 }
 
@@ -386,7 +386,7 @@ fn bench_preset_write_throughput() {
         s.data_bytes as f64 / cpu / 1e9
     );
     assert_eq!(s.data_bytes, 7_147_491_328);
-    let src = checkpoint::open(dir.path()).unwrap();
+    let src = checkpoint::open(dir.path(), None).unwrap();
     assert_eq!(src.input_bytes(), 7_147_491_328);
 }
 
