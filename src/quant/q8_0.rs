@@ -29,7 +29,9 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
     for &v in x {
         amax_bits = amax_bits.max(v.to_bits() & 0x7fff_ffff);
     }
-    let amax = f32::from_bits(amax_bits);
+    // NaN and infinity (bit patterns above f32::MAX) would make the scale NaN; cap them so a
+    // non-finite weight gives a finite, if meaningless, block.
+    let amax = f32::from_bits(amax_bits.min(f32::MAX.to_bits()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     b[..2].copy_from_slice(&f16_scale(d).to_le_bytes());

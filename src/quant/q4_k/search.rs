@@ -41,9 +41,12 @@ fn inverse(a: f32) -> f32 {
     }
 }
 
-/// Sums of the nearest assignment of a sub-block to a grid `a * q + b`.
+/// Squared error and least-squares sums of the nearest assignment of a sub-block to a grid
+/// `a * q + b`. The error is summed from the residuals: expanding it into the other sums loses it
+/// to cancellation when the error is tiny next to sum(x^2), as for weights already on a grid.
 #[derive(Clone, Copy)]
 struct Sums {
+    err: f32,
     q: f32,
     qq: f32,
     qx: f32,
@@ -54,7 +57,6 @@ struct Sums {
 struct Sub {
     x: [f32; SUB],
     sx: f32,
-    sxx: f32,
     min: f32,
     max: f32,
 }
@@ -63,17 +65,16 @@ impl Sub {
     #[inline(always)]
     fn new(x: &[f32]) -> Sub {
         let x: [f32; SUB] = x.try_into().unwrap();
-        let (mut sx, mut sxx) = ([0f32; 8], [0f32; 8]);
+        let mut sx = [0f32; 8];
         let (mut min, mut max) = (f32::MAX, f32::MIN);
         for c in x.chunks_exact(8) {
             for l in 0..8 {
                 sx[l] += c[l];
-                sxx[l] += c[l] * c[l];
                 min = min.min(c[l]);
                 max = max.max(c[l]);
             }
         }
-        Sub { x, sx: hsum(&sx), sxx: hsum(&sxx), min, max }
+        Sub { x, sx: hsum(&sx), min, max }
     }
 
     /// The sums of the nearest assignments to the grids `a[i] * q + b[i]`. Evaluating several
@@ -87,87 +88,137 @@ impl Sub {
         #[cfg(target_arch = "x86_64")]
         if AVX2 {
             // SAFETY: AVX2 is only requested from code that runs after the CPU check.
-            return unsafe { assign_avx2(&self.x, b, &ia) };
+            return unsafe { assign_avx2(&self.x, a, b, &ia) };
         }
         // Eight lanes, as in the AVX2 version, so both sum in the same order.
-        let mut out = [Sums { q: 0.0, qq: 0.0, qx: 0.0 }; N];
+        let mut out = [Sums { err: 0.0, q: 0.0, qq: 0.0, qx: 0.0 }; N];
         for i in 0..N {
-            let (mut sq, mut sqq, mut sqx) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+            let (mut se, mut sq, mut sqq, mut sqx) = ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
             for c in self.x.chunks_exact(8) {
                 for l in 0..8 {
                     let q = level(c[l], b[i], ia[i]);
+                    let r = c[l] - (a[i] * q + b[i]);
+                    se[l] += r * r;
                     sq[l] += q;
                     sqq[l] += q * q;
                     sqx[l] += q * c[l];
                 }
             }
-            out[i] = Sums { q: hsum(&sq), qq: hsum(&sqq), qx: hsum(&sqx) };
+            out[i] = Sums { err: hsum(&se), q: hsum(&sq), qq: hsum(&sqq), qx: hsum(&sqx) };
         }
         out
     }
 
-    /// Squared error of the assignment `s` with the grid `a * q + b`, expanded into sums. The
-    /// terms cancel down to about 1% of sum(x^2), so f32 leaves the error good to ~1e-5, plenty
-    /// for ranking candidates.
+    /// The squared errors of the nearest assignments to the grids `a * q + b[i]` (`assign`
+    /// without the least-squares sums).
     #[inline(always)]
-    fn sse(&self, s: &Sums, a: f32, b: f32) -> f32 {
-        let e = self.sxx - 2.0 * a * s.qx - 2.0 * b * self.sx
-            + a * a * s.qq
-            + 2.0 * a * b * s.q
-            + SUB as f32 * b * b;
-        e.max(0.0)
+    fn errors3<const AVX2: bool>(&self, a: f32, b: &[f32; 3]) -> [f32; 3] {
+        let ia = inverse(a);
+        #[cfg(target_arch = "x86_64")]
+        if AVX2 {
+            // SAFETY: AVX2 is only requested from code that runs after the CPU check.
+            return unsafe { errors3_avx2(&self.x, a, ia, b) };
+        }
+        let mut out = [0f32; 3];
+        for i in 0..3 {
+            let mut e = [0f32; 8];
+            for c in self.x.chunks_exact(8) {
+                for l in 0..8 {
+                    let r = c[l] - (a * level(c[l], b[i], ia) + b[i]);
+                    e[l] += r * r;
+                }
+            }
+            out[i] = hsum(&e);
+        }
+        out
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn assign_avx2<const N: usize>(x: &[f32; SUB], b: &[f32; N], ia: &[f32; N]) -> [Sums; N] {
+unsafe fn assign_avx2<const N: usize>(
+    x: &[f32; SUB],
+    a: &[f32; N],
+    b: &[f32; N],
+    ia: &[f32; N],
+) -> [Sums; N] {
     use std::arch::x86_64::*;
     let zero = _mm256_setzero_ps();
     let top = _mm256_set1_ps(15.0);
     let magic = _mm256_set1_ps(12_582_912.0);
+    let mut se = [zero; N];
     let mut sq = [zero; N];
     let mut sqq = [zero; N];
     let mut sqx = [zero; N];
     for c in 0..SUB / 8 {
         let v = _mm256_loadu_ps(x.as_ptr().add(8 * c));
         for i in 0..N {
-            let t = _mm256_mul_ps(_mm256_sub_ps(v, _mm256_set1_ps(b[i])), _mm256_set1_ps(ia[i]));
+            let vb = _mm256_set1_ps(b[i]);
+            let t = _mm256_mul_ps(_mm256_sub_ps(v, vb), _mm256_set1_ps(ia[i]));
             // max(t, 0) returns 0 for a NaN t, like f32::max.
             let t = _mm256_min_ps(_mm256_max_ps(t, zero), top);
             let q = _mm256_sub_ps(_mm256_add_ps(t, magic), magic);
+            let r = _mm256_sub_ps(v, _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(a[i]), q), vb));
+            se[i] = _mm256_add_ps(se[i], _mm256_mul_ps(r, r));
             sq[i] = _mm256_add_ps(sq[i], q);
             sqq[i] = _mm256_add_ps(sqq[i], _mm256_mul_ps(q, q));
             sqx[i] = _mm256_add_ps(sqx[i], _mm256_mul_ps(q, v));
         }
     }
-    let mut out = [Sums { q: 0.0, qq: 0.0, qx: 0.0 }; N];
+    let mut out = [Sums { err: 0.0, q: 0.0, qq: 0.0, qx: 0.0 }; N];
     for i in 0..N {
-        out[i] = hsum3(sq[i], sqq[i], sqx[i]);
+        let [err, q, qq, qx] = hsum4(se[i], sq[i], sqq[i], sqx[i]);
+        out[i] = Sums { err, q, qq, qx };
     }
     out
 }
 
-/// `hsum` of each of three eight-lane vectors, in the same order, with one reduction.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn hsum3(
+unsafe fn errors3_avx2(x: &[f32; SUB], a: f32, ia: f32, b: &[f32; 3]) -> [f32; 3] {
+    use std::arch::x86_64::*;
+    let zero = _mm256_setzero_ps();
+    let top = _mm256_set1_ps(15.0);
+    let magic = _mm256_set1_ps(12_582_912.0);
+    let (va, via) = (_mm256_set1_ps(a), _mm256_set1_ps(ia));
+    let mut e = [zero; 3];
+    for c in 0..SUB / 8 {
+        let v = _mm256_loadu_ps(x.as_ptr().add(8 * c));
+        for i in 0..3 {
+            let vb = _mm256_set1_ps(b[i]);
+            let t =
+                _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(v, vb), via), zero), top);
+            let q = _mm256_sub_ps(_mm256_add_ps(t, magic), magic);
+            let r = _mm256_sub_ps(v, _mm256_add_ps(_mm256_mul_ps(va, q), vb));
+            e[i] = _mm256_add_ps(e[i], _mm256_mul_ps(r, r));
+        }
+    }
+    let [e0, e1, e2, _] = hsum4(e[0], e[1], e[2], zero);
+    [e0, e1, e2]
+}
+
+/// `hsum` of each of four eight-lane vectors, in the same order, with one reduction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn hsum4(
     a: std::arch::x86_64::__m256,
     b: std::arch::x86_64::__m256,
     c: std::arch::x86_64::__m256,
-) -> Sums {
+    d: std::arch::x86_64::__m256,
+) -> [f32; 4] {
     use std::arch::x86_64::*;
-    // [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]
+    // [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7], the same for c, d
     let ab = _mm256_hadd_ps(a, b);
-    let cc = _mm256_hadd_ps(c, c);
-    // [(a0+a1)+(a2+a3), (b0+b1)+(b2+b3), (c..), (c..) | the same for lanes 4..8]
-    let h = _mm256_hadd_ps(ab, cc);
+    let cd = _mm256_hadd_ps(c, d);
+    // [(a0+a1)+(a2+a3), (b0+b1)+(b2+b3), (c..), (d..) | the same for lanes 4..8]
+    let h = _mm256_hadd_ps(ab, cd);
     let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
     let mut out = [0f32; 4];
     _mm_storeu_ps(out.as_mut_ptr(), s);
-    Sums { q: out[0], qq: out[1], qx: out[2] }
+    out
 }
 
 /// Clipping starts for the affine fit: fractions of the sub-block's (min, max) kept.
@@ -208,7 +259,7 @@ fn fit_affine<const AVX2: bool>(sub: &Sub) -> (f32, f32) {
                 continue;
             }
             let s = &sums[i];
-            let e = sub.sse(s, a[i], b[i]);
+            let e = s.err;
             if e < best.2 {
                 best = (a[i], b[i], e);
             }
@@ -259,9 +310,9 @@ fn pick_scales<const AVX2: bool>(
         let b = [-s.dmin * m_lo as f32, -s.dmin * (m_lo + 1) as f32, -s.dmin * (m_lo + 2) as f32];
         for sc in (s0 - 1).max(0)..=(s0 + 1).min(63) {
             let a = s.d * sc as f32;
-            let sums = sub.assign::<AVX2, 3>(&[a; 3], &b);
+            let errs = sub.errors3::<AVX2>(a, &b);
             for k in 0..3 {
-                let e = sub.sse(&sums[k], a, b[k]);
+                let e = errs[k];
                 if e < best.0 {
                     best = (e, sc as u8, (m_lo + k as i32) as u8);
                 }
@@ -314,7 +365,7 @@ pub(super) fn quantize_block<const AVX2: bool>(x: &[f32], out: &mut [u8]) {
         out[..BLOCK_BYTES].fill(0);
         return;
     }
-    let mut subs = [Sub { x: [0.0; SUB], sx: 0.0, sxx: 0.0, min: 0.0, max: 0.0 }; NSUB];
+    let mut subs = [Sub { x: [0.0; SUB], sx: 0.0, min: 0.0, max: 0.0 }; NSUB];
     let mut target = [(0f32, 0f32); NSUB];
     for j in 0..NSUB {
         subs[j] = Sub::new(&x[SUB * j..SUB * (j + 1)]);
@@ -403,11 +454,14 @@ mod tests {
             let sub = Sub::new(&x);
             let a = (rng.uniform() * 0.5) as f32 * (i % 5 != 0) as u8 as f32;
             let b = -(rng.uniform() * 2.0) as f32;
+            let b3 = [b, b * 0.5, b * 1.5];
+            let (e, ev) = (sub.errors3::<false>(a, &b3), sub.errors3::<true>(a, &b3));
+            assert_eq!(e.map(f32::to_bits), ev.map(f32::to_bits), "case {i}: a {a} b {b}");
             let [s] = sub.assign::<false, 1>(&[a], &[b]);
             let [v] = sub.assign::<true, 1>(&[a], &[b]);
             assert_eq!(
-                (s.q.to_bits(), s.qq.to_bits(), s.qx.to_bits()),
-                (v.q.to_bits(), v.qq.to_bits(), v.qx.to_bits()),
+                (s.err.to_bits(), s.q.to_bits(), s.qq.to_bits(), s.qx.to_bits()),
+                (v.err.to_bits(), v.q.to_bits(), v.qq.to_bits(), v.qx.to_bits()),
                 "case {i}: a {a} b {b}"
             );
         }
