@@ -228,6 +228,25 @@ super::multiversion!(dequantize_row, dequantize_row_generic, dequantize_row_avx2
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::measure::{sample, Dist};
+
+    #[test]
+    fn builds_agree_bit_for_bit() {
+        let mut row = sample(Dist::StudentT(4), 256 * QK, 8);
+        row[7] = f32::NAN;
+        row[40] = f32::NEG_INFINITY;
+        row[64..96].fill(0.0);
+        row[96..128].fill(-3.0);
+        let mut a = vec![0u8; 256 * BLOCK_BYTES];
+        let mut b = a.clone();
+        quantize_row(&row, &mut a);
+        quantize_row_generic(&row, &mut b);
+        assert_eq!(a, b);
+        let (mut ya, mut yb) = (vec![0f32; row.len()], vec![0f32; row.len()]);
+        dequantize_row(&a, &mut ya);
+        dequantize_row_generic(&a, &mut yb);
+        assert_eq!(ya, yb);
+    }
 
     #[test]
     fn cell_table_is_nearest_grid_point() {

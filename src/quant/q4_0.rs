@@ -52,3 +52,24 @@ fn dequantize_row_generic(bytes: &[u8], out: &mut [f32]) {
 
 super::multiversion!(quantize_row, quantize_row_generic, quantize_row_avx2, (row: &[f32], out: &mut [u8]));
 super::multiversion!(dequantize_row, dequantize_row_generic, dequantize_row_avx2, (bytes: &[u8], out: &mut [f32]));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::measure::{sample, Dist};
+
+    #[test]
+    fn builds_agree_bit_for_bit() {
+        let mut row = sample(Dist::Laplace, 64 * QK, 6);
+        row[64..96].fill(0.0);
+        let mut a = vec![0u8; 64 * BLOCK_BYTES];
+        let mut b = a.clone();
+        quantize_row(&row, &mut a);
+        quantize_row_generic(&row, &mut b);
+        assert_eq!(a, b);
+        let (mut ya, mut yb) = (vec![0f32; row.len()], vec![0f32; row.len()]);
+        dequantize_row(&a, &mut ya);
+        dequantize_row_generic(&a, &mut yb);
+        assert_eq!(ya, yb);
+    }
+}

@@ -60,3 +60,53 @@ fn dequantize_row_generic(bytes: &[u8], out: &mut [f32]) {
 
 super::multiversion!(quantize_row, quantize_row_generic, quantize_row_avx2, (row: &[f32], out: &mut [u8]));
 super::multiversion!(dequantize_row, dequantize_row_generic, dequantize_row_avx2, (bytes: &[u8], out: &mut [f32]));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::measure::{sample, Dist};
+
+    #[test]
+    fn round_half_away_is_roundf() {
+        // Every f32 within 64 ulps of each integer and half-integer up to 256, both signs:
+        // where the trick could go wrong.
+        for k in 0..=512 {
+            let centre = k as f32 * 0.5;
+            let mut v = centre;
+            for _ in 0..64 {
+                v = f32::from_bits(v.to_bits().saturating_sub(1));
+            }
+            for _ in 0..129 {
+                for s in [v, -v] {
+                    assert_eq!(round_half_away(s), s.round(), "{s:e}");
+                }
+                v = f32::from_bits(v.to_bits() + 1);
+            }
+        }
+        // And a spread of magnitudes.
+        let mut x = 1e-6f32;
+        while x < 1e9 {
+            for s in [x, -x] {
+                assert_eq!(round_half_away(s), s.round(), "{s:e}");
+            }
+            x *= 1.0001;
+        }
+    }
+
+    #[test]
+    fn builds_agree_bit_for_bit() {
+        let mut row = sample(Dist::StudentT(3), 64 * QK, 5);
+        row[7] = f32::NAN;
+        row[40] = f32::INFINITY;
+        row[64..96].fill(0.0);
+        let mut a = vec![0u8; 64 * BLOCK_BYTES];
+        let mut b = a.clone();
+        quantize_row(&row, &mut a);
+        quantize_row_generic(&row, &mut b);
+        assert_eq!(a, b);
+        let (mut ya, mut yb) = (vec![0f32; row.len()], vec![0f32; row.len()]);
+        dequantize_row(&a, &mut ya);
+        dequantize_row_generic(&a, &mut yb);
+        assert_eq!(ya, yb);
+    }
+}
