@@ -10,7 +10,7 @@
 //! Gaussian and heavy-tailed data), each assignment gets its least-squares scale, the best wins,
 //! and it is polished by re-assigning at the f16-rounded scale and refitting. This lands within
 //! 0.3% of the exhaustive optimum's squared error (measured against a sweep over every
-//! assignment breakpoint) at a tenth of its cost.
+//! assignment breakpoint) at a small fraction of its cost.
 //!
 //! Nearest-grid lookup is one table load: every grid midpoint is a multiple of 0.5, so cells of
 //! width 0.5 never straddle one.
@@ -139,7 +139,7 @@ fn search_scale(x: &[f32; QK]) -> f32 {
             max = v;
         }
     }
-    if !(amax >= TINY) {
+    if amax < TINY {
         return 0.0;
     }
     // Candidate k maps the largest weight to grid position CANDIDATES[k]; every other weight

@@ -28,6 +28,7 @@ pub(super) fn round_small(t: f32) -> f32 {
 
 /// The nearest level q in 0..=15 of `v` on the grid `a * q + b`; `ia` is 1/a, or 0 when a = 0.
 #[inline(always)]
+#[allow(clippy::manual_clamp)] // clamp would keep a NaN; max(NaN, 0) is 0, as in the AVX2 code
 fn level(v: f32, b: f32, ia: f32) -> f32 {
     round_small(((v - b) * ia).max(0.0).min(15.0))
 }
@@ -238,7 +239,8 @@ fn fit_affine<const AVX2: bool>(sub: &Sub) -> (f32, f32) {
     const NS: usize = STARTS.len();
     let mn = sub.min.min(0.0);
     let mx = sub.max;
-    if !(mx > mn) {
+    // (Weights reaching the search are finite, so plain comparisons see no NaN.)
+    if mx <= mn {
         return (0.0, mn);
     }
     let n = SUB as f32;
@@ -267,7 +269,7 @@ fn fit_affine<const AVX2: bool>(sub: &Sub) -> (f32, f32) {
                 continue;
             }
             let det = n * s.qq - s.q * s.q;
-            if !(det > 0.0) {
+            if det <= 0.0 {
                 live[i] = false;
                 a[i] = 0.0;
                 continue;
@@ -299,20 +301,18 @@ fn pick_scales<const AVX2: bool>(
     s: &mut Scales,
 ) -> f32 {
     let mut total = 0f32;
-    for j in 0..NSUB {
-        let sub = &subs[j];
+    for (j, sub) in subs.iter().enumerate() {
         let (a_t, b_t) = target[j];
         let s0 = if s.d > 0.0 { round_small((a_t / s.d).clamp(0.0, 63.0)) as i32 } else { 0 };
         let m0 =
             if s.dmin > 0.0 { round_small((-b_t / s.dmin).clamp(0.0, 63.0)) as i32 } else { 0 };
         let mut best = (f32::INFINITY, 0u8, 0u8);
-        let m_lo = (m0 - 1).max(0).min(61);
+        let m_lo = (m0 - 1).clamp(0, 61);
         let b = [-s.dmin * m_lo as f32, -s.dmin * (m_lo + 1) as f32, -s.dmin * (m_lo + 2) as f32];
         for sc in (s0 - 1).max(0)..=(s0 + 1).min(63) {
             let a = s.d * sc as f32;
             let errs = sub.errors3::<AVX2>(a, &b);
-            for k in 0..3 {
-                let e = errs[k];
+            for (k, &e) in errs.iter().enumerate() {
                 if e < best.0 {
                     best = (e, sc as u8, (m_lo + k as i32) as u8);
                 }
@@ -330,15 +330,15 @@ fn pick_scales<const AVX2: bool>(
 fn refit_supers<const AVX2: bool>(subs: &[Sub; NSUB], s: &Scales) -> Option<(f32, f32)> {
     // x ~ d * A + dmin * B with A = sc * q, B = -m.
     let (mut aa, mut ab, mut bb, mut ax, mut bx) = (0f32, 0f32, 0f32, 0f32, 0f32);
-    for j in 0..NSUB {
-        let [sums] = subs[j].assign::<AVX2, 1>(&[s.d * s.sc[j] as f32], &[-s.dmin * s.m[j] as f32]);
+    for (j, sub) in subs.iter().enumerate() {
+        let [sums] = sub.assign::<AVX2, 1>(&[s.d * s.sc[j] as f32], &[-s.dmin * s.m[j] as f32]);
         let scj = s.sc[j] as f32;
         let bj = -(s.m[j] as f32);
         aa += scj * scj * sums.qq;
         ab += scj * bj * sums.q;
         bb += bj * bj * SUB as f32;
         ax += scj * sums.qx;
-        bx += bj * subs[j].sx;
+        bx += bj * sub.sx;
     }
     let det = aa * bb - ab * ab;
     let (d, dmin) = if det > 0.0 {
@@ -361,7 +361,7 @@ pub(super) fn quantize_block<const AVX2: bool>(x: &[f32], out: &mut [u8]) {
     for &v in x {
         amax = amax.max(v.abs());
     }
-    if !(amax >= TINY) {
+    if amax < TINY {
         out[..BLOCK_BYTES].fill(0);
         return;
     }
@@ -391,8 +391,8 @@ pub(super) fn quantize_block<const AVX2: bool>(x: &[f32], out: &mut [u8]) {
             break;
         }
         let mut centre = [(0f32, 0f32); NSUB];
-        for j in 0..NSUB {
-            centre[j] = (s.d * s.sc[j] as f32, -s.dmin * s.m[j] as f32);
+        for (j, c) in centre.iter_mut().enumerate() {
+            *c = (s.d * s.sc[j] as f32, -s.dmin * s.m[j] as f32);
         }
         let mut t = Scales { d, dmin, sc: [0; NSUB], m: [0; NSUB] };
         let e = pick_scales::<AVX2>(&subs, &centre, &mut t);
