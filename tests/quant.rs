@@ -379,6 +379,8 @@ fn int4_for_picks_q4_k_only_for_whole_super_blocks() {
     assert_eq!(QuantType::int4_for(32 * 9), QuantType::Iq4Nl);
     for t in QuantType::ALL {
         assert_eq!(t.name().parse::<QuantType>(), Ok(t));
+        // Manifests store the type through serde; it must be the same name.
+        assert_eq!(serde_json::to_string(&t).unwrap(), format!("\"{}\"", t.name()));
         assert_eq!(
             t.bits_per_weight() <= 4.5,
             matches!(t, QuantType::Q4_0 | QuantType::Iq4Nl | QuantType::Q4K)
