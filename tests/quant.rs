@@ -215,12 +215,12 @@ proptest! {
         sc in prop::collection::vec(1u8..64, 8),
         m in prop::collection::vec(0u8..64, 8),
         q in prop::collection::vec(0u8..16, QK_K),
-        lead in 0usize..8,
+        widest in 0usize..8,
     ) {
         let dmin = d * 10f32.powf(ratio);
         let (mut sc, mut m) = (sc, m);
-        sc[lead] = 63;
-        m[(lead + 3) % 8] = 63;
+        sc[widest] = 63;
+        m[(widest + 3) % 8] = 63;
         let mut q = q;
         for j in 0..8 {
             q[32 * j] = 0;
