@@ -167,8 +167,12 @@ fn plan(src: &dyn TensorSource, opts: &ConvertOptions) -> Result<Plan> {
     let c = src.config();
     let make_part = |t: Tensor| -> Result<Part> {
         let s = src.tensor(t).ok_or_else(|| Error::bad_tensor(t.to_string(), "missing"))?;
-        let qtype = qtype_for(t, opts);
         let (rows, cols) = (s.rows(), s.cols());
+        let qtype = match qtype_for(t, opts) {
+            // q4_k needs rows of whole 256-weight super-blocks; shorter rows get iq4_nl.
+            QuantType::Q4K => QuantType::int4_for(cols),
+            q => q,
+        };
         let row_bytes = qtype.row_bytes(cols).ok_or_else(|| {
             Error::bad_tensor(
                 t.to_string(),

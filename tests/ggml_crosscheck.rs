@@ -1,5 +1,5 @@
 //! Our block types against ggml itself (the vendored copy in ggml-sys-bleedingedge, April 2024).
-//! Needs `--features ggml` (cmake, clang and libclang: `scripts/install-ggml-deps.sh`).
+//! Needs `--features ggml` (cmake, clang and libclang: `.ci/install-ggml-deps.sh`).
 //!
 //! - ggml's `dequantize_row_*` gives exactly our values on our blocks, and on blocks of random
 //!   bytes (every scale, min and nibble pattern), for q8_0, q4_0, iq4_nl and q4_K.
