@@ -66,7 +66,9 @@ unsafe fn dot4(w: __m256i, x: __m256i, ones: __m256i) -> __m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize) {
     let t = j.t;
-    let (qb, pb) = (t.qbytes(), t.pair_bytes());
+    // Compile-time sizes, so the prefetch loop unrolls.
+    let (qb, pb) = if NIB { (256, 576) } else { (512, 1088) };
+    debug_assert_eq!((qb, pb), (t.qbytes(), t.pair_bytes()));
     let base = j.data.add(ti * t.tile_bytes());
     let stab = _mm256_broadcastsi128_si256(_mm_loadu_si128(t.table.as_ptr() as *const __m128i));
     let ones = _mm256_set1_epi16(1);

@@ -9,8 +9,25 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 /// How far ahead of the weight stream to prefetch, in bytes.
-const PF_INT: usize = 4096;
-const PF_FLOAT: usize = 4096;
+#[inline(always)]
+fn pf() -> (usize, bool) {
+    let n = super::tune::PF_INT.load(std::sync::atomic::Ordering::Relaxed);
+    (n, n > 0)
+}
+#[inline(always)]
+fn pff() -> (usize, bool) {
+    let n = super::tune::PF_FLOAT.load(std::sync::atomic::Ordering::Relaxed);
+    (n, n > 0)
+}
+#[inline(always)]
+unsafe fn prefetch(p: *const i8) {
+    match super::tune::PF_HINT.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => _mm_prefetch::<_MM_HINT_T0>(p),
+        1 => _mm_prefetch::<_MM_HINT_T1>(p),
+        2 => _mm_prefetch::<_MM_HINT_T2>(p),
+        _ => _mm_prefetch::<_MM_HINT_NTA>(p),
+    }
+}
 /// Activation vectors sharing one pass over a tile.
 const MAXT: usize = 8;
 
@@ -69,7 +86,9 @@ unsafe fn decode_nib(q: *const u8, tbl: __m512i, low: __m512i) -> [__m512i; 8] {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize) {
     let t = j.t;
-    let (qb, pb) = (t.qbytes(), t.pair_bytes());
+    // Compile-time sizes, so the prefetch loop unrolls.
+    let (qb, pb) = if NIB { (256, 576) } else { (512, 1088) };
+    debug_assert_eq!((qb, pb), (t.qbytes(), t.pair_bytes()));
     let base = j.data.add(ti * t.tile_bytes());
     let utab = t.unsigned_table();
     let tbl = _mm512_broadcast_i32x4(_mm_loadu_si128(utab.as_ptr() as *const __m128i));
@@ -81,10 +100,10 @@ unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize
     let mut acc = [_mm512_setzero_ps(); T];
     for p in 0..t.nbp / 2 {
         let pair = base.add(p * pb);
-        let ahead = pair.wrapping_add(PF_INT);
+        let ahead = pair.wrapping_add(pf().0);
         let mut l = 0;
-        while l < pb {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
+        while pf().1 && l < pb {
+            prefetch(ahead.wrapping_add(l) as *const i8);
             l += 64;
         }
         for h in 0..2 {
@@ -158,9 +177,9 @@ unsafe fn frows<const BF: bool, const R: usize, const T: usize>(j: &FloatJob, r0
     while c < j.cols {
         // 32 columns per step where possible (a whole cache line of bf16), then masked tails.
         let step = if j.cols - c >= 32 { 32 } else { (j.cols - c).min(16) };
-        if step == 32 {
+        if step == 32 && pff().1 {
             for r in 0..R {
-                let p = w0.add(r * stride + c * es).wrapping_add(PF_FLOAT);
+                let p = w0.add(r * stride + c * es).wrapping_add(pff().0);
                 _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
                 if !BF {
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64) as *const i8);

@@ -12,11 +12,12 @@ const MIN_BYTES: usize = 256 << 20;
 /// Bytes per second that `threads` threads read from memory.
 pub fn measure_read_bandwidth(threads: usize) -> f64 {
     let threads = threads.max(1);
-    let len = (8 * last_level_cache_bytes().unwrap_or(0)).max(MIN_BYTES) / (64 * threads) * (64 * threads);
+    let len = std::env::var("BWDEV").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or((8 * last_level_cache_bytes().unwrap_or(0)).max(MIN_BYTES)) / (64 * threads) * (64 * threads);
     let mut buf = AlignedBuf::zeroed(len);
-    // Touch every page first, so page faults are not timed.
-    for (i, b) in buf.as_mut_slice().iter_mut().enumerate().step_by(4096) {
-        *b = i as u8;
+    // Distinct contents in every page: page faults are not timed, and no page can be merged
+    // with another (or stay the shared zero page) by the OS or a hypervisor.
+    for (i, w) in buf.as_mut_slice().chunks_exact_mut(8).enumerate() {
+        w.copy_from_slice(&(i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
     }
     let part = len / threads;
     let data = buf.as_slice();

@@ -10,6 +10,8 @@ use std::cell::RefCell;
 /// Below this much work (weight bytes times vectors) a product runs on the calling thread: waking
 /// the pool would cost more than it saves.
 const SERIAL_WORK: usize = 96 << 10;
+/// Chunks of work per thread.
+const CHUNKS_PER_THREAD: usize = 4;
 
 pub struct Matrix {
     pub qtype: QuantType,
@@ -66,16 +68,17 @@ impl Matrix {
                 let t = *t;
                 let tb = t.tile_bytes();
                 let out = SyncPtr(buf.as_mut_slice().as_mut_ptr());
-                let job = |i: usize, n: usize| {
-                    let (a, b) = (t.tiles * i / n, t.tiles * (i + 1) / n);
+                let chunks = t.tiles.min(4 * pool::threads());
+                let job = |i: usize| {
+                    let (a, b) = (t.tiles * i / chunks, t.tiles * (i + 1) / chunks);
                     // Threads write disjoint whole tiles of the buffer.
                     let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(a * tb), (b - a) * tb) };
                     pack::pack_tiles(&t, qtype, rows, cols, bytes, a, dst);
                 };
                 if bytes.len() < SERIAL_WORK {
-                    job(0, 1)
+                    (0..chunks).for_each(job)
                 } else {
-                    pool::run(&job)
+                    pool::run(chunks, &job)
                 }
             }
         }
@@ -197,11 +200,14 @@ impl Part<'_> {
     }
 }
 
-/// Split the parts' units over the pool by weight bytes, each thread one contiguous run.
+/// Split the parts' units into chunks of about equal weight bytes, each a contiguous run, a few
+/// per thread so that a busy machine's late threads leave their share to the others.
 fn run_parts(isa: Isa, parts: &[Part], n: usize) {
     let total: usize = parts.iter().map(|p| p.units().0 * p.units().1).sum();
-    let job = |i: usize, nt: usize| {
-        let (lo, hi) = (total * i / nt, total * (i + 1) / nt);
+    let units: usize = parts.iter().map(|p| p.units().0).sum();
+    let chunks = if total.saturating_mul(n) < SERIAL_WORK { 1 } else { units.min(CHUNKS_PER_THREAD * pool::threads()) };
+    let job = |c: usize| {
+        let (lo, hi) = (total * c / chunks, total * (c + 1) / chunks);
         let mut off = 0;
         for p in parts {
             let (units, cost) = p.units();
@@ -215,11 +221,7 @@ fn run_parts(isa: Isa, parts: &[Part], n: usize) {
             off += units * cost;
         }
     };
-    if total.saturating_mul(n) < SERIAL_WORK {
-        job(0, 1)
-    } else {
-        pool::run(&job)
-    }
+    pool::run(chunks, &job)
 }
 
 #[derive(Clone, Copy)]

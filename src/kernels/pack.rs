@@ -23,20 +23,37 @@ use std::alloc::{self, Layout};
 /// Rows per tile.
 pub(crate) const TILE: usize = 16;
 
-/// A zero-initialised, 64-byte aligned byte buffer.
+/// A zero-initialised, 64-byte aligned byte buffer. Large ones are mapped straight from the OS
+/// and, on Linux, asked to be backed by 2 MiB pages: a stream through a big matrix then takes
+/// no TLB miss every 4 KiB, which measurably raises the bandwidth a matrix-vector product gets.
 pub(crate) struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
+    /// Bytes mapped with mmap (0: from the global allocator).
+    mapped: usize,
 }
 
 // The buffer is plain bytes owned by this value.
 unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
+/// Buffers from this size on are mapped.
+#[cfg(target_os = "linux")]
+const MAP_FROM: usize = 4 << 20;
+#[cfg(target_os = "linux")]
+const HUGE: usize = 2 << 20;
+
 impl AlignedBuf {
     pub(crate) fn zeroed(len: usize) -> AlignedBuf {
         if len == 0 {
-            return AlignedBuf { ptr: std::ptr::NonNull::<u64>::dangling().as_ptr() as *mut u8, len };
+            let ptr = std::ptr::NonNull::<u64>::dangling().as_ptr() as *mut u8;
+            return AlignedBuf { ptr, len, mapped: 0 };
+        }
+        #[cfg(target_os = "linux")]
+        if len >= MAP_FROM && super::tune::HUGE.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(b) = Self::mapped(len) {
+                return b;
+            }
         }
         let layout = Layout::from_size_align(len, 64).expect("buffer size overflows");
         // Zeroed allocations of this size come straight from the kernel as untouched pages.
@@ -44,7 +61,42 @@ impl AlignedBuf {
         if ptr.is_null() {
             alloc::handle_alloc_error(layout);
         }
-        AlignedBuf { ptr, len }
+        AlignedBuf { ptr, len, mapped: 0 }
+    }
+
+    /// Map `len` bytes (rounded up to whole huge pages) at a huge-page boundary; anonymous
+    /// mappings are zero-filled.
+    #[cfg(target_os = "linux")]
+    fn mapped(len: usize) -> Option<AlignedBuf> {
+        let want = len.div_ceil(HUGE) * HUGE;
+        let map_len = want + HUGE;
+        unsafe {
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if base == libc::MAP_FAILED {
+                return None;
+            }
+            let base = base as *mut u8;
+            // Trim to an aligned window of `want` bytes.
+            let head = base.align_offset(HUGE);
+            if head > 0 {
+                libc::munmap(base as *mut libc::c_void, head);
+            }
+            let ptr = base.add(head);
+            let tail = map_len - head - want;
+            if tail > 0 {
+                libc::munmap(ptr.add(want) as *mut libc::c_void, tail);
+            }
+            // Advice only: without transparent huge pages this is a no-op.
+            libc::madvise(ptr as *mut libc::c_void, want, libc::MADV_HUGEPAGE);
+            Some(AlignedBuf { ptr, len, mapped: want })
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -66,7 +118,12 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.len != 0 {
+        if self.mapped != 0 {
+            #[cfg(target_os = "linux")]
+            unsafe {
+                libc::munmap(self.ptr as *mut libc::c_void, self.mapped);
+            }
+        } else if self.len != 0 {
             unsafe { alloc::dealloc(self.ptr, Layout::from_size_align_unchecked(self.len, 64)) }
         }
     }
