@@ -9,8 +9,8 @@ use super::{FloatJob, IntJob};
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-const PF_INT: usize = 4096;
-const PF_FLOAT: usize = 4096;
+/// Prefetch distance for the integer tiles; see `avx512`.
+const PF_INT: usize = 2048;
 /// Activation vectors sharing one pass over a tile (16 ymm registers limit it).
 const MAXT: usize = 4;
 
@@ -177,15 +177,6 @@ unsafe fn frows<const BF: bool, const R: usize, const T: usize>(j: &FloatJob, r0
     let full = j.cols / 8 * 8;
     let mut c = 0;
     while c < full {
-        if c % 32 == 0 {
-            for r in 0..R {
-                let p = w0.add(r * stride + c * es).wrapping_add(PF_FLOAT);
-                _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-                if !BF {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64) as *const i8);
-                }
-            }
-        }
         let mut x = [_mm256_setzero_ps(); T];
         for (k, v) in x.iter_mut().enumerate() {
             *v = _mm256_loadu_ps(x0.add(k * j.cols + c));

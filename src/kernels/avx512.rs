@@ -9,25 +9,11 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 /// How far ahead of the weight stream to prefetch, in bytes.
-#[inline(always)]
-fn pf() -> (usize, bool) {
-    let n = super::tune::PF_INT.load(std::sync::atomic::Ordering::Relaxed);
-    (n, n > 0)
-}
-#[inline(always)]
-fn pff() -> (usize, bool) {
-    let n = super::tune::PF_FLOAT.load(std::sync::atomic::Ordering::Relaxed);
-    (n, n > 0)
-}
-#[inline(always)]
-unsafe fn prefetch(p: *const i8) {
-    match super::tune::PF_HINT.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => _mm_prefetch::<_MM_HINT_T0>(p),
-        1 => _mm_prefetch::<_MM_HINT_T1>(p),
-        2 => _mm_prefetch::<_MM_HINT_T2>(p),
-        _ => _mm_prefetch::<_MM_HINT_NTA>(p),
-    }
-}
+/// How far ahead of the weight stream to prefetch, in bytes. Measured on a 2-core EPYC (Zen 4)
+/// streaming 1.1 GB of distinct matrices: without it q8_0 reaches ~60% of the bandwidth it does
+/// with it; 512 to 4096 bytes all do about equally well. The float kernels read several rows at
+/// once and do better with the hardware prefetchers alone.
+const PF_INT: usize = 2048;
 /// Activation vectors sharing one pass over a tile.
 const MAXT: usize = 8;
 
@@ -100,10 +86,10 @@ unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize
     let mut acc = [_mm512_setzero_ps(); T];
     for p in 0..t.nbp / 2 {
         let pair = base.add(p * pb);
-        let ahead = pair.wrapping_add(pf().0);
+        let ahead = pair.wrapping_add(PF_INT);
         let mut l = 0;
-        while pf().1 && l < pb {
-            prefetch(ahead.wrapping_add(l) as *const i8);
+        while l < pb {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
             l += 64;
         }
         for h in 0..2 {
@@ -177,15 +163,6 @@ unsafe fn frows<const BF: bool, const R: usize, const T: usize>(j: &FloatJob, r0
     while c < j.cols {
         // 32 columns per step where possible (a whole cache line of bf16), then masked tails.
         let step = if j.cols - c >= 32 { 32 } else { (j.cols - c).min(16) };
-        if step == 32 && pff().1 {
-            for r in 0..R {
-                let p = w0.add(r * stride + c * es).wrapping_add(pff().0);
-                _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-                if !BF {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64) as *const i8);
-                }
-            }
-        }
         let mut cc = c;
         while cc < c + step {
             let mask = ((1u32 << (c + step - cc).min(16)) - 1) as __mmask16;

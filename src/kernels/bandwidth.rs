@@ -12,7 +12,7 @@ const MIN_BYTES: usize = 256 << 20;
 /// Bytes per second that `threads` threads read from memory.
 pub fn measure_read_bandwidth(threads: usize) -> f64 {
     let threads = threads.max(1);
-    let len = std::env::var("BWDEV").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or((8 * last_level_cache_bytes().unwrap_or(0)).max(MIN_BYTES)) / (64 * threads) * (64 * threads);
+    let len = (8 * last_level_cache_bytes().unwrap_or(0)).max(MIN_BYTES) / (64 * threads) * (64 * threads);
     let mut buf = AlignedBuf::zeroed(len);
     // Distinct contents in every page: page faults are not timed, and no page can be merged
     // with another (or stay the shared zero page) by the OS or a hypervisor.

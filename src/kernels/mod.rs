@@ -26,15 +26,6 @@ mod neon;
 
 mod matrix;
 
-#[doc(hidden)]
-pub mod tune {
-    use std::sync::atomic::{AtomicBool, AtomicUsize};
-    pub static PF_INT: AtomicUsize = AtomicUsize::new(4096);
-    pub static PF_FLOAT: AtomicUsize = AtomicUsize::new(0);
-    pub static PF_HINT: AtomicUsize = AtomicUsize::new(0);
-    pub static HUGE: AtomicBool = AtomicBool::new(true);
-}
-
 pub use bandwidth::measure_read_bandwidth;
 pub use matrix::Matrix;
 pub use pool::{set_threads, threads};

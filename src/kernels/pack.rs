@@ -50,7 +50,7 @@ impl AlignedBuf {
             return AlignedBuf { ptr, len, mapped: 0 };
         }
         #[cfg(target_os = "linux")]
-        if len >= MAP_FROM && super::tune::HUGE.load(std::sync::atomic::Ordering::Relaxed) {
+        if len >= MAP_FROM {
             if let Some(b) = Self::mapped(len) {
                 return b;
             }
@@ -222,40 +222,51 @@ pub(crate) fn pack_tiles(
     let tb = t.tile_bytes();
     debug_assert_eq!(out.len() % tb, 0);
     debug_assert_eq!(bytes.len(), rows * rb);
+    let (qb, pb) = (t.qbytes(), t.pair_bytes());
     for (ti, tile) in out.chunks_exact_mut(tb).enumerate() {
         let ti = first + ti;
-        for b in 0..t.nbp {
-            let qo = t.quant_off(b);
-            let so = t.scale_off(b);
-            for i in 0..TILE {
-                let r = ti * TILE + i;
-                if r >= rows || b >= nb {
-                    // Padding: zero scale, and zero weights so that no value is ever NaN * 0.
-                    if t.kind == IntKind::Q8 {
-                        for g in 0..QK / 4 {
-                            tile[qo + g * 64 + i * 4..qo + g * 64 + i * 4 + 4].fill(0x80);
-                        }
-                    }
-                    continue;
-                }
-                let src = &bytes[r * rb + b * bb..r * rb + (b + 1) * bb];
-                tile[so + i * 2..so + i * 2 + 2].copy_from_slice(&src[..2]);
-                let q = &src[2..];
+        // Each source row is read in order; the tile being written (tens of KiB) stays in cache.
+        for i in 0..TILE {
+            let r = ti * TILE + i;
+            if r >= rows {
+                pad(t, tile, i, 0);
+                continue;
+            }
+            let src = &bytes[r * rb..(r + 1) * rb];
+            for (b, blk) in src.chunks_exact(bb).enumerate() {
+                let pair = &mut tile[b / 2 * pb..(b / 2 + 1) * pb];
+                let (h, q) = (b % 2, &blk[2..]);
+                let so = 2 * qb + h * TILE * 2 + i * 2;
+                pair[so..so + 2].copy_from_slice(&blk[..2]);
+                let quants = &mut pair[h * qb..(h + 1) * qb];
                 match t.kind {
                     IntKind::Q8 => {
-                        for g in 0..QK / 4 {
-                            let w = u32::from_le_bytes([q[4 * g], q[4 * g + 1], q[4 * g + 2], q[4 * g + 3]]);
-                            let at = qo + g * 64 + i * 4;
-                            tile[at..at + 4].copy_from_slice(&(w ^ 0x8080_8080).to_le_bytes());
+                        for (g, w) in q.chunks_exact(4).enumerate() {
+                            let w = u32::from_le_bytes([w[0], w[1], w[2], w[3]]) ^ 0x8080_8080;
+                            quants[g * 64 + i * 4..g * 64 + i * 4 + 4].copy_from_slice(&w.to_le_bytes());
                         }
                     }
                     IntKind::Nib => {
-                        for k in 0..QK / 8 {
-                            let at = qo + k * 64 + i * 4;
-                            tile[at..at + 4].copy_from_slice(&q[4 * k..4 * k + 4]);
+                        for (k, w) in q.chunks_exact(4).enumerate() {
+                            quants[k * 64 + i * 4..k * 64 + i * 4 + 4].copy_from_slice(w);
                         }
                     }
                 }
+            }
+            pad(t, tile, i, nb);
+        }
+    }
+}
+
+/// Padding from block `from` of tile row `i` on: zero scales (already zero in a fresh buffer,
+/// and a reload of the same shape writes only real rows and blocks), and zero q8 weights so that
+/// no padded product is ever NaN * 0.
+fn pad(t: &Tiled, tile: &mut [u8], i: usize, from: usize) {
+    if t.kind == IntKind::Q8 {
+        for b in from..t.nbp {
+            let qo = t.quant_off(b);
+            for g in 0..QK / 4 {
+                tile[qo + g * 64 + i * 4..qo + g * 64 + i * 4 + 4].fill(0x80);
             }
         }
     }
