@@ -38,7 +38,7 @@ impl Rng {
     /// Roughly normal, with an occasional outlier ten times larger, as in real activations.
     fn value(&mut self) -> f32 {
         let s: f64 = (0..4).map(|_| self.uniform()).sum::<f64>() - 2.0;
-        let big = if self.next() % 97 == 0 { 10.0 } else { 1.0 };
+        let big = if self.next().is_multiple_of(97) { 10.0 } else { 1.0 };
         (s * big) as f32
     }
     fn vec(&mut self, n: usize) -> Vec<f32> {

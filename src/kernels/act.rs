@@ -26,7 +26,7 @@ impl QActs {
     /// Quantize `xs` (`[n, cols]`) into `nbp` (>= cols / 32) blocks per vector.
     pub(crate) fn quantize(&mut self, xs: &[f32], n: usize, cols: usize, nbp: usize) {
         debug_assert_eq!(xs.len(), n * cols);
-        debug_assert!(cols % QK == 0 && nbp * QK >= cols);
+        debug_assert!(cols.is_multiple_of(QK) && nbp * QK >= cols);
         let need = n * nbp * QK;
         if self.xq.len() < need {
             self.xq = AlignedBuf::zeroed(need.next_power_of_two());

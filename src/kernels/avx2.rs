@@ -4,6 +4,9 @@
 //! then adds pairs of pairs: four weights per 32-bit lane, the tile layout's group, 8 rows to a
 //! register.
 
+// Kernels index several parallel register arrays by the same loop variable.
+#![allow(clippy::needless_range_loop)]
+
 use super::pack::{IntKind, TILE};
 use super::{FloatJob, IntJob};
 use std::arch::x86_64::*;

@@ -3,6 +3,9 @@
 //! is removed by starting each block's sum at `-128 * sum(x)`. Each weight block is loaded once
 //! and applied to up to 8 activation vectors.
 
+// Kernels index several parallel register arrays by the same loop variable.
+#![allow(clippy::needless_range_loop)]
+
 use super::pack::{IntKind, TILE};
 use super::{FloatJob, IntJob};
 use std::arch::x86_64::*;

@@ -215,7 +215,7 @@ fn wait_for_epoch(s: &Shared, seen: u64) -> u64 {
             return e;
         }
         spins = spins.wrapping_add(1);
-        if spins % 256 != 0 {
+        if !spins.is_multiple_of(256) {
             std::hint::spin_loop();
             continue;
         }
