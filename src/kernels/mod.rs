@@ -1,89 +1,213 @@
 //! Matrix kernels over the quantized block types. `Matrix` owns one weight matrix `[rows, cols]`
-//! (rows = output channels, blocks along `cols`) and multiplies it by activations.
+//! (rows = output channels, blocks along `cols`) in a runtime layout (`pack`) and multiplies it by
+//! activations.
 //!
-//! This first version is the scalar reference: dequantize a row, dot it in f32.
+//! * q8_0 / q4_0 / iq4_nl: activations are quantized per block of 32 to int8 with an f32 scale
+//!   (`act`), then integer dot products per block, scaled and summed in f32.
+//! * bf16 / f32: f32 products and sums, exact to f32 rounding.
+//!
+//! Each type has a scalar reference (`scalar`) and SIMD paths for x86-64 AVX2 (+FMA, F16C),
+//! AVX-512 with VNNI, and aarch64 NEON, chosen once at run time from the CPU's features; the
+//! environment variable `GROK1_KERNELS=scalar|avx2|avx512|neon` forces one. Work is split across
+//! a persistent thread pool (`pool`) so that each thread streams one contiguous run of rows.
 
-use crate::error::{Error, Result};
-use crate::quant::QuantType;
-use rayon::prelude::*;
+mod act;
+mod bandwidth;
+mod pack;
+mod pool;
+mod scalar;
 
-pub struct Matrix {
-    pub qtype: QuantType,
-    pub rows: usize,
-    pub cols: usize,
-    data: Vec<u8>,
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+
+mod matrix;
+
+pub use bandwidth::measure_read_bandwidth;
+pub use matrix::Matrix;
+pub use pool::{set_threads, threads};
+
+use act::QActs;
+use pack::Tiled;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// An instruction-set path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isa {
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512 F/BW/VL with VNNI.
+    Avx512,
+    /// aarch64 NEON (with the dot-product extension where present).
+    Neon,
 }
 
-impl Matrix {
-    /// Take a matrix in the on-disk byte layout (`rows` rows of `qtype.row_bytes(cols)` bytes).
-    pub fn from_bytes(qtype: QuantType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Matrix> {
-        let rb = qtype.row_bytes(cols).ok_or_else(|| {
-            Error::Invalid(format!("{cols} columns is not a whole number of {qtype} blocks"))
-        })?;
-        if bytes.len() != rb * rows {
-            return Err(Error::Invalid(format!(
-                "{qtype} matrix [{rows}, {cols}] needs {} bytes, got {}",
-                rb * rows,
-                bytes.len()
-            )));
+impl Isa {
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
         }
-        Ok(Matrix { qtype, rows, cols, data: bytes.to_vec() })
     }
 
-    /// Bytes of weights read by one full matrix-vector product.
-    pub fn nbytes(&self) -> usize {
-        self.data.len()
-    }
-
-    fn row_bytes(&self) -> usize {
-        self.qtype.row_bytes(self.cols).unwrap()
-    }
-
-    /// Row `r` as f32 (embedding lookup).
-    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
-        let rb = self.row_bytes();
-        self.qtype.dequantize_row(&self.data[r * rb..(r + 1) * rb], out);
-    }
-
-    /// y = W x
-    pub fn matvec(&self, x: &[f32], y: &mut [f32]) {
-        self.matmul(x, 1, y)
-    }
-
-    /// ys[t] = W xs[t] for t in 0..n; xs is `[n, cols]`, ys is `[n, rows]`, both row-major.
-    pub fn matmul(&self, xs: &[f32], n: usize, ys: &mut [f32]) {
-        assert_eq!(xs.len(), n * self.cols);
-        assert_eq!(ys.len(), n * self.rows);
-        let rb = self.row_bytes();
-        let cols = self.cols;
-        let rows = self.rows;
-        // Each task dequantizes a band of rows once and applies it to all n inputs.
-        let band = 16usize;
-        let results: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(band))
-            .into_par_iter()
-            .map(|bi| {
-                let r0 = bi * band;
-                let r1 = (r0 + band).min(rows);
-                let mut w = vec![0f32; cols];
-                let mut out = vec![0f32; (r1 - r0) * n];
-                for r in r0..r1 {
-                    self.qtype.dequantize_row(&self.data[r * rb..(r + 1) * rb], &mut w);
-                    for t in 0..n {
-                        let x = &xs[t * cols..(t + 1) * cols];
-                        out[(r - r0) * n + t] = w.iter().zip(x).map(|(a, b)| a * b).sum();
-                    }
-                }
-                (r0, out)
-            })
-            .collect();
-        for (r0, out) in results {
-            let nr = out.len() / n;
-            for i in 0..nr {
-                for t in 0..n {
-                    ys[t * rows + r0 + i] = out[i * n + t];
-                }
+    /// Whether this CPU can run the path.
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
+            _ => false,
         }
+    }
+
+    /// Paths this CPU can run, slowest first.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.is_available()).collect()
+    }
+
+    /// The fastest path this CPU can run.
+    pub fn best() -> Isa {
+        *Isa::available().last().unwrap()
+    }
+}
+
+impl std::str::FromStr for Isa {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Isa, String> {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| format!("unknown kernel path `{s}` (expected scalar, avx2, avx512 or neon)"))
+    }
+}
+
+struct Selection {
+    isa: Isa,
+    /// Why the environment's choice was not taken, if it was not.
+    note: Option<String>,
+}
+
+fn selection() -> &'static Selection {
+    static SEL: OnceLock<Selection> = OnceLock::new();
+    SEL.get_or_init(|| {
+        let best = Isa::best();
+        match std::env::var("GROK1_KERNELS") {
+            Err(_) => Selection { isa: best, note: None },
+            Ok(v) => match v.parse::<Isa>() {
+                Ok(isa) if isa.is_available() => Selection { isa, note: None },
+                Ok(isa) => Selection {
+                    isa: best,
+                    note: Some(format!("GROK1_KERNELS={} not supported by this CPU", isa.name())),
+                },
+                Err(e) => Selection { isa: best, note: Some(format!("GROK1_KERNELS ignored: {e}")) },
+            },
+        }
+    })
+}
+
+/// The path `Matrix::matvec` and `Matrix::matmul` use.
+pub fn selected() -> Isa {
+    selection().isa
+}
+
+/// The selected path and thread count, in words.
+pub fn describe() -> String {
+    let sel = selection();
+    let detail = match sel.isa {
+        Isa::Scalar => "portable scalar reference",
+        Isa::Avx2 => "AVX2+FMA+F16C, int8 via vpmaddubsw",
+        Isa::Avx512 => "AVX-512 F/BW/VL, int8 via VNNI vpdpbusd",
+        Isa::Neon => neon_detail(),
+    };
+    let mut s = format!("{} ({detail}), {} threads", sel.isa.name(), threads());
+    if let Some(n) = &sel.note {
+        s.push_str("; ");
+        s.push_str(n);
+    }
+    s
+}
+
+fn neon_detail() -> &'static str {
+    #[cfg(target_arch = "aarch64")]
+    if std::arch::is_aarch64_feature_detected!("dotprod") {
+        return "NEON with sdot";
+    }
+    "NEON, int8 via smull/sadalp"
+}
+
+/// One integer matrix product: tiled weights times quantized activations.
+pub(crate) struct IntJob<'a> {
+    pub t: &'a Tiled,
+    pub data: *const u8,
+    /// Real rows; tile rows past this are padding and not stored.
+    pub rows: usize,
+    pub acts: &'a QActs,
+    /// `y[tok * ystride + row]`
+    pub y: *mut f32,
+    pub ystride: usize,
+}
+
+/// One float matrix product: row-major bf16 or f32 weights times f32 activations.
+pub(crate) struct FloatJob<'a> {
+    pub bf16: bool,
+    pub data: *const u8,
+    pub cols: usize,
+    pub xs: &'a [f32],
+    pub n: usize,
+    pub y: *mut f32,
+    pub ystride: usize,
+}
+
+// Jobs are shared by the pool's threads, which write disjoint rows of `y`.
+unsafe impl Sync for IntJob<'_> {}
+unsafe impl Sync for FloatJob<'_> {}
+
+/// Compute output tiles `tiles` of `j` on `isa`. The caller guarantees `isa.is_available()`.
+pub(crate) unsafe fn int_tiles(isa: Isa, j: &IntJob, tiles: Range<usize>) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::int_tiles(j, tiles),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::int_tiles(j, tiles),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon::int_tiles(j, tiles),
+        _ => scalar::int_tiles(j, tiles),
+    }
+}
+
+/// Compute output rows `rows` of `j` on `isa`. The caller guarantees `isa.is_available()`.
+pub(crate) unsafe fn float_rows(isa: Isa, j: &FloatJob, rows: Range<usize>) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::float_rows(j, rows),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::float_rows(j, rows),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon::float_rows(j, rows),
+        _ => scalar::float_rows(j, rows),
     }
 }
 

@@ -1,0 +1,210 @@
+//! AVX2 kernels (+FMA, F16C). Without VNNI, int8 products go through `vpmaddubsw`, whose pairwise
+//! i16 sums saturate; so each weight's sign moves onto the activation (`vpsignb`) and the unsigned
+//! operand is |w| <= 128, keeping every pair sum within 2 * 128 * 127 < 2^15. `vpmaddwd` by ones
+//! then adds pairs of pairs: four weights per 32-bit lane, the tile layout's group, 8 rows to a
+//! register.
+
+// Kernels index several parallel register arrays by the same loop variable.
+#![allow(clippy::needless_range_loop)]
+
+use super::pack::{IntKind, TILE};
+use super::{FloatJob, IntJob};
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+/// Prefetch distance for the integer tiles; see `avx512`.
+const PF_INT: usize = 2048;
+/// Activation vectors sharing one pass over a tile (16 ymm registers limit it).
+const MAXT: usize = 4;
+
+pub(crate) unsafe fn int_tiles(j: &IntJob, tiles: Range<usize>) {
+    let nib = j.t.kind == IntKind::Nib;
+    for ti in tiles {
+        let mut t0 = 0;
+        while t0 < j.acts.n {
+            let m = (j.acts.n - t0).min(MAXT);
+            match (nib, m) {
+                (true, 1) => tile::<true, 1>(j, ti, t0),
+                (true, 2) => tile::<true, 2>(j, ti, t0),
+                (true, 3) => tile::<true, 3>(j, ti, t0),
+                (true, _) => tile::<true, 4>(j, ti, t0),
+                (false, 1) => tile::<false, 1>(j, ti, t0),
+                (false, 2) => tile::<false, 2>(j, ti, t0),
+                (false, 3) => tile::<false, 3>(j, ti, t0),
+                (false, _) => tile::<false, 4>(j, ti, t0),
+            }
+            t0 += m;
+        }
+    }
+}
+
+/// Signed weights of 8 rows (one half of a tile) of one block.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn decode<const NIB: bool>(q: *const u8, stab: __m256i) -> [__m256i; 8] {
+    let mut w = [_mm256_setzero_si256(); 8];
+    if NIB {
+        let low = _mm256_set1_epi8(0x0f);
+        for k in 0..4 {
+            let v = _mm256_load_si256(q.add(64 * k) as *const __m256i);
+            w[k] = _mm256_shuffle_epi8(stab, _mm256_and_si256(v, low));
+            w[k + 4] = _mm256_shuffle_epi8(stab, _mm256_and_si256(_mm256_srli_epi16::<4>(v), low));
+        }
+    } else {
+        let bias = _mm256_set1_epi8(-128);
+        for (g, v) in w.iter_mut().enumerate() {
+            *v = _mm256_xor_si256(_mm256_load_si256(q.add(64 * g) as *const __m256i), bias);
+        }
+    }
+    w
+}
+
+/// Per 32-bit lane, the sum of four products of signed bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn dot4(w: __m256i, x: __m256i, ones: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), ones)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize) {
+    let t = j.t;
+    // Compile-time sizes, so the prefetch loop unrolls.
+    let (qb, pb) = if NIB { (256, 576) } else { (512, 1088) };
+    debug_assert_eq!((qb, pb), (t.qbytes(), t.pair_bytes()));
+    let base = j.data.add(ti * t.tile_bytes());
+    let stab = _mm256_broadcastsi128_si256(_mm_loadu_si128(t.table.as_ptr() as *const __m128i));
+    let ones = _mm256_set1_epi16(1);
+    let acts = j.acts;
+    let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
+    let xd: [*const f32; T] = std::array::from_fn(|k| acts.d_ptr(t0 + k));
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    for p in 0..t.nbp / 2 {
+        let pair = base.add(p * pb);
+        let ahead = pair.wrapping_add(PF_INT);
+        let mut l = 0;
+        while l < pb {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
+            l += 64;
+        }
+        for h in 0..2 {
+            let b = 2 * p + h;
+            for half in 0..2 {
+                let w = decode::<NIB>(pair.add(h * qb + 32 * half), stab);
+                let sp = pair.add(2 * qb + h * 32 + 16 * half);
+                let dw = _mm256_cvtph_ps(_mm_load_si128(sp as *const __m128i));
+                for k in 0..T {
+                    let x = xq[k].add(b * 8);
+                    let mut s0 = _mm256_setzero_si256();
+                    let mut s1 = _mm256_setzero_si256();
+                    for g in (0..8).step_by(2) {
+                        s0 = _mm256_add_epi32(s0, dot4(w[g], _mm256_set1_epi32(*x.add(g)), ones));
+                        s1 = _mm256_add_epi32(s1, dot4(w[g + 1], _mm256_set1_epi32(*x.add(g + 1)), ones));
+                    }
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xd[k].add(b)));
+                    let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+                    acc[k][half] = _mm256_fmadd_ps(isum, scale, acc[k][half]);
+                }
+            }
+        }
+    }
+    let r0 = ti * TILE;
+    for half in 0..2 {
+        let valid = j.rows.saturating_sub(r0 + 8 * half).min(8);
+        if valid == 0 {
+            continue;
+        }
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (k, a) in acc.iter().enumerate() {
+            _mm256_maskstore_ps(j.y.add((t0 + k) * j.ystride + r0 + 8 * half), mask, a[half]);
+        }
+    }
+}
+
+pub(crate) unsafe fn float_rows(j: &FloatJob, rows: Range<usize>) {
+    let mut r = rows.start;
+    while r < rows.end {
+        let left = rows.end - r;
+        // 16 registers: 4 rows x 1 vector, or 2 rows x 4 vectors, of accumulators.
+        let rr = match (j.n >= 4, left) {
+            (true, 2..) => 2,
+            (false, 4..) => 4,
+            _ => 1,
+        };
+        let mut t0 = 0;
+        while t0 < j.n {
+            let tt = if j.n - t0 >= 4 { 4 } else { 1 };
+            macro_rules! go {
+                ($($bf:literal, $r:literal, $t:literal);*) => {
+                    match (j.bf16, rr, tt) {
+                        $(($bf, $r, $t) => frows::<$bf, $r, $t>(j, r, t0),)*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            go!(true, 1, 1; true, 2, 1; true, 4, 1; true, 1, 4; true, 2, 4; true, 4, 4;
+                false, 1, 1; false, 2, 1; false, 4, 1; false, 1, 4; false, 2, 4; false, 4, 4);
+            t0 += tt;
+        }
+        r += rr;
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load_w<const BF: bool>(p: *const u8) -> __m256 {
+    if BF {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    } else {
+        _mm256_loadu_ps(p as *const f32)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn frows<const BF: bool, const R: usize, const T: usize>(j: &FloatJob, r0: usize, t0: usize) {
+    let es = if BF { 2 } else { 4 };
+    let stride = j.cols * es;
+    let w0 = j.data.add(r0 * stride);
+    let x0 = j.xs.as_ptr().add(t0 * j.cols);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let full = j.cols / 8 * 8;
+    let mut c = 0;
+    while c < full {
+        let mut x = [_mm256_setzero_ps(); T];
+        for (k, v) in x.iter_mut().enumerate() {
+            *v = _mm256_loadu_ps(x0.add(k * j.cols + c));
+        }
+        for (r, a) in acc.iter_mut().enumerate() {
+            let w = load_w::<BF>(w0.add(r * stride + c * es));
+            for k in 0..T {
+                a[k] = _mm256_fmadd_ps(w, x[k], a[k]);
+            }
+        }
+        c += 8;
+    }
+    for (r, a) in acc.iter().enumerate() {
+        for k in 0..T {
+            let mut s = hsum(a[k]);
+            for cc in full..j.cols {
+                let p = w0.add(r * stride + cc * es);
+                let w = if BF {
+                    f32::from_bits((p.cast::<u16>().read_unaligned() as u32) << 16)
+                } else {
+                    p.cast::<f32>().read_unaligned()
+                };
+                s += w * *x0.add(k * j.cols + cc);
+            }
+            *j.y.add((t0 + k) * j.ystride + r0 + r) = s;
+        }
+    }
+}

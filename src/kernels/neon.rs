@@ -1,0 +1,215 @@
+//! aarch64 NEON kernels. A tile group (four weights of 16 rows, 64 bytes) is four registers of
+//! four rows each; the group's four activations are broadcast to every 32-bit lane. With the
+//! dot-product extension one `sdot` per register sums each row's four products; without it
+//! `smull` + `sadalp` build pair sums that a final `addp` folds into rows.
+//!
+//! Weights are decoded to signed int8 (q8_0: undo the `^ 0x80` bias; 4-bit: `tbl` lookup), so no
+//! bias correction applies. NEON is part of every aarch64 target Rust supports, so only the
+//! dot-product path needs a run-time check.
+
+// Kernels index several parallel register arrays by the same loop variable.
+#![allow(clippy::needless_range_loop)]
+
+use super::pack::{IntKind, TILE};
+use super::{FloatJob, IntJob};
+use std::arch::aarch64::*;
+use std::ops::Range;
+
+/// Prefetch distance for the integer tiles; see `avx512`.
+const PF_INT: usize = 2048;
+/// Activation vectors sharing one pass over a tile.
+const MAXT: usize = 4;
+
+pub(crate) unsafe fn int_tiles(j: &IntJob, tiles: Range<usize>) {
+    let nib = j.t.kind == IntKind::Nib;
+    let dot = std::arch::is_aarch64_feature_detected!("dotprod");
+    for ti in tiles {
+        let mut t0 = 0;
+        while t0 < j.acts.n {
+            let m = (j.acts.n - t0).min(MAXT);
+            match (dot, nib) {
+                (true, true) => tile_dot::<true>(j, ti, t0, m),
+                (true, false) => tile_dot::<false>(j, ti, t0, m),
+                (false, true) => tile::<true, false>(j, ti, t0, m),
+                (false, false) => tile::<false, false>(j, ti, t0, m),
+            }
+            t0 += m;
+        }
+    }
+}
+
+#[target_feature(enable = "dotprod")]
+unsafe fn tile_dot<const NIB: bool>(j: &IntJob, ti: usize, t0: usize, m: usize) {
+    tile::<NIB, true>(j, ti, t0, m)
+}
+
+/// `acc + (per 32-bit lane) the dot product of four signed bytes of a and of b`.
+#[inline(always)]
+unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    // The intrinsic (vdotq_s32) is not yet stable; the instruction is what it compiles to.
+    std::arch::asm!(
+        "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+        acc = inout(vreg) acc,
+        a = in(vreg) a,
+        b = in(vreg) b,
+        options(pure, nomem, nostack, preserves_flags)
+    );
+    acc
+}
+
+#[inline(always)]
+unsafe fn prefetch(p: *const u8) {
+    std::arch::asm!("prfm pldl1keep, [{p}]", p = in(reg) p, options(nostack, readonly, preserves_flags));
+}
+
+/// Signed weights of group `g` (weights 4g..4g+4) of rows 4m..4m+4 of the block at `q`.
+#[inline(always)]
+unsafe fn weights<const NIB: bool>(q: *const u8, g: usize, m: usize, table: int8x16_t) -> int8x16_t {
+    if NIB {
+        let v = vld1q_u8(q.add(64 * (g % 4) + 16 * m));
+        let idx = if g < 4 { vandq_u8(v, vdupq_n_u8(0x0f)) } else { vshrq_n_u8::<4>(v) };
+        vqtbl1q_s8(table, idx)
+    } else {
+        vreinterpretq_s8_u8(veorq_u8(vld1q_u8(q.add(64 * g + 16 * m)), vdupq_n_u8(0x80)))
+    }
+}
+
+/// Tokens t0..t0+nt (nt <= MAXT) through tile `ti`.
+#[inline(always)]
+unsafe fn tile<const NIB: bool, const DOT: bool>(j: &IntJob, ti: usize, t0: usize, nt: usize) {
+    let t = j.t;
+    let (qb, pb) = if NIB { (256, 576) } else { (512, 1088) };
+    debug_assert_eq!((qb, pb), (t.qbytes(), t.pair_bytes()));
+    let base = j.data.add(ti * t.tile_bytes());
+    let table = vld1q_s8(t.table.as_ptr());
+    let acts = j.acts;
+    let mut acc = [[vdupq_n_f32(0.0); 4]; MAXT];
+    for b in 0..t.nbp {
+        let pair = base.add(b / 2 * pb);
+        if b % 2 == 0 {
+            let mut l = 0;
+            while l < pb {
+                prefetch(pair.wrapping_add(PF_INT + l));
+                l += 64;
+            }
+        }
+        let q = pair.add(b % 2 * qb);
+        let sp = pair.add(2 * qb + b % 2 * TILE * 2);
+        let mut dw = [0f32; TILE];
+        for (i, d) in dw.iter_mut().enumerate() {
+            *d = half::f16::from_le_bytes([*sp.add(2 * i), *sp.add(2 * i + 1)]).to_f32();
+        }
+        for (k, a) in acc.iter_mut().enumerate().take(nt) {
+            let x = acts.q_ptr(t0 + k, b) as *const i32;
+            let mut isum = [vdupq_n_s32(0); 4];
+            if DOT {
+                for g in 0..8 {
+                    let xg = vreinterpretq_s8_s32(vdupq_n_s32(x.add(g).read_unaligned()));
+                    for (m, s) in isum.iter_mut().enumerate() {
+                        *s = sdot(*s, weights::<NIB>(q, g, m, table), xg);
+                    }
+                }
+            } else {
+                let mut lo = [vdupq_n_s32(0); 4];
+                let mut hi = [vdupq_n_s32(0); 4];
+                for g in 0..8 {
+                    let xg = vreinterpretq_s8_s32(vdupq_n_s32(x.add(g).read_unaligned()));
+                    for m in 0..4 {
+                        let w = weights::<NIB>(q, g, m, table);
+                        lo[m] = vpadalq_s16(lo[m], vmull_s8(vget_low_s8(w), vget_low_s8(xg)));
+                        hi[m] = vpadalq_s16(hi[m], vmull_high_s8(w, xg));
+                    }
+                }
+                for m in 0..4 {
+                    // lo = [row 4m pairs a, b; row 4m+1 pairs a, b], hi likewise for 4m+2, 4m+3.
+                    isum[m] = vpaddq_s32(lo[m], hi[m]);
+                }
+            }
+            let dx = vdupq_n_f32(*acts.d_ptr(t0 + k).add(b));
+            for m in 0..4 {
+                let scale = vmulq_f32(vld1q_f32(dw.as_ptr().add(4 * m)), dx);
+                a[m] = vfmaq_f32(a[m], vcvtq_f32_s32(isum[m]), scale);
+            }
+        }
+    }
+    let r0 = ti * TILE;
+    let valid = (j.rows - r0).min(TILE);
+    for (k, a) in acc.iter().enumerate().take(nt) {
+        let mut out = [0f32; TILE];
+        for m in 0..4 {
+            vst1q_f32(out.as_mut_ptr().add(4 * m), a[m]);
+        }
+        std::ptr::copy_nonoverlapping(out.as_ptr(), j.y.add((t0 + k) * j.ystride + r0), valid);
+    }
+}
+
+pub(crate) unsafe fn float_rows(j: &FloatJob, rows: Range<usize>) {
+    let mut r = rows.start;
+    while r < rows.end {
+        let rr = if j.n < 4 && rows.end - r >= 4 { 4 } else { 1 };
+        let mut t0 = 0;
+        while t0 < j.n {
+            let tt = if j.n - t0 >= 4 { 4 } else { 1 };
+            match (j.bf16, rr, tt) {
+                (true, 4, _) => frows::<true, 4, 1>(j, r, t0),
+                (true, _, 4) => frows::<true, 1, 4>(j, r, t0),
+                (true, _, _) => frows::<true, 1, 1>(j, r, t0),
+                (false, 4, _) => frows::<false, 4, 1>(j, r, t0),
+                (false, _, 4) => frows::<false, 1, 4>(j, r, t0),
+                (false, _, _) => frows::<false, 1, 1>(j, r, t0),
+            }
+            t0 += tt;
+        }
+        r += rr;
+    }
+}
+
+/// Four weights as f32; bf16 is the upper half of an f32.
+#[inline(always)]
+unsafe fn load_w<const BF: bool>(p: *const u8) -> float32x4_t {
+    if BF {
+        vreinterpretq_f32_u32(vshlq_n_u32::<16>(vmovl_u16(vld1_u16(p as *const u16))))
+    } else {
+        vld1q_f32(p as *const f32)
+    }
+}
+
+#[inline(always)]
+unsafe fn frows<const BF: bool, const R: usize, const T: usize>(j: &FloatJob, r0: usize, t0: usize) {
+    let es = if BF { 2 } else { 4 };
+    let stride = j.cols * es;
+    let w0 = j.data.add(r0 * stride);
+    let x0 = j.xs.as_ptr().add(t0 * j.cols);
+    let mut acc = [[vdupq_n_f32(0.0); T]; R];
+    let full = j.cols / 4 * 4;
+    let mut c = 0;
+    while c < full {
+        let mut x = [vdupq_n_f32(0.0); T];
+        for (k, v) in x.iter_mut().enumerate() {
+            *v = vld1q_f32(x0.add(k * j.cols + c));
+        }
+        for (r, a) in acc.iter_mut().enumerate() {
+            let w = load_w::<BF>(w0.add(r * stride + c * es));
+            for k in 0..T {
+                a[k] = vfmaq_f32(a[k], w, x[k]);
+            }
+        }
+        c += 4;
+    }
+    for (r, a) in acc.iter().enumerate() {
+        for k in 0..T {
+            let mut s = vaddvq_f32(a[k]);
+            for cc in full..j.cols {
+                let p = w0.add(r * stride + cc * es);
+                let w = if BF {
+                    f32::from_bits((p.cast::<u16>().read_unaligned() as u32) << 16)
+                } else {
+                    p.cast::<f32>().read_unaligned()
+                };
+                s += w * *x0.add(k * j.cols + cc);
+            }
+            *j.y.add((t0 + k) * j.ystride + r0 + r) = s;
+        }
+    }
+}

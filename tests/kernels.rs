@@ -1,0 +1,294 @@
+//! Kernels against their references.
+//!
+//! * Every SIMD path against the scalar path on random shapes, odd ones included. The integer
+//!   paths share one activation quantizer, so their per-block integer sums are exact and equal;
+//!   only the float accumulation over blocks may differ in order. Two sums of the same `m` terms
+//!   in any order each lie within `gamma(m) * S` of the exact sum (S = sum of |terms|,
+//!   gamma(m) = m u / (1 - m u), u = 2^-24), so they differ by at most `2 gamma(m) S`.
+//! * The integer paths against the exact (f64) product of the dequantized weights: the only
+//!   error beyond float rounding is the int8 rounding of activations, at most half a step
+//!   `d = amax / 127` per element, so `|err| <= sum_i |w_i| d_b(i) / 2` plus rounding.
+//! * The float paths against f64: `gamma(cols) * sum |w x|`.
+
+use grok1::kernels::{self, Isa, Matrix};
+use grok1::quant::QuantType;
+use proptest::prelude::*;
+
+const U: f64 = 1.0 / (1u64 << 24) as f64;
+
+fn gamma(m: usize) -> f64 {
+    let mu = m as f64 * U;
+    mu / (1.0 - mu)
+}
+
+/// splitmix64: reproducible data from one proptest-chosen seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Roughly normal, with an occasional outlier ten times larger, as in real activations.
+    fn value(&mut self) -> f32 {
+        let s: f64 = (0..4).map(|_| self.uniform()).sum::<f64>() - 2.0;
+        let big = if self.next().is_multiple_of(97) { 10.0 } else { 1.0 };
+        (s * big) as f32
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.value()).collect()
+    }
+    /// Without outliers.
+    fn plain_vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| ((0..4).map(|_| self.uniform()).sum::<f64>() - 2.0) as f32).collect()
+    }
+}
+
+struct Case {
+    qtype: QuantType,
+    rows: usize,
+    cols: usize,
+    bytes: Vec<u8>,
+    /// Dequantized weights, row-major.
+    w: Vec<f32>,
+    m: Matrix,
+}
+
+fn case(qtype: QuantType, rows: usize, cols: usize, rng: &mut Rng) -> Case {
+    let rb = qtype.row_bytes(cols).unwrap();
+    let mut bytes = vec![0u8; rows * rb];
+    let mut w = vec![0f32; rows * cols];
+    for r in 0..rows {
+        // Vary the row's magnitude so that scales differ between rows of a tile.
+        let scale = 0.01 * (1 + r % 7) as f32;
+        let row: Vec<f32> = rng.vec(cols).iter().map(|v| v * scale).collect();
+        qtype.quantize_row(&row, &mut bytes[r * rb..(r + 1) * rb]);
+        qtype.dequantize_row(&bytes[r * rb..(r + 1) * rb], &mut w[r * cols..(r + 1) * cols]);
+    }
+    let m = Matrix::from_bytes(qtype, rows, cols, &bytes).unwrap();
+    Case { qtype, rows, cols, bytes, w, m }
+}
+
+fn is_int(q: QuantType) -> bool {
+    matches!(q, QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl)
+}
+
+/// The activation quantizer's step `amax / 127` for each block of `x`.
+fn steps(x: &[f32]) -> Vec<f64> {
+    x.chunks(32).map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 / 127.0).collect()
+}
+
+/// Per output (token-major like `ys`): (bound on |simd - scalar|, bound on |y - exact|, exact).
+fn bounds(c: &Case, xs: &[f32], n: usize) -> Vec<(f64, f64, f64)> {
+    let mut out = Vec::with_capacity(n * c.rows);
+    for t in 0..n {
+        let x = &xs[t * c.cols..(t + 1) * c.cols];
+        let st = steps(x);
+        for r in 0..c.rows {
+            let w = &c.w[r * c.cols..(r + 1) * c.cols];
+            let exact: f64 = w.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum();
+            if is_int(c.qtype) {
+                let nb = c.cols / 32;
+                // |w_i| * amax of x's block bounds each term of the block sums.
+                let s: f64 = w.iter().enumerate().map(|(i, a)| a.abs() as f64 * st[i / 32] * 127.0).sum();
+                let half_steps: f64 = w.iter().enumerate().map(|(i, a)| a.abs() as f64 * st[i / 32] * 0.5).sum();
+                let order = 2.0 * gamma(nb + 4) * s + 1e-30;
+                out.push((order, half_steps * (1.0 + 1e-5) + order, exact));
+            } else {
+                let s: f64 = w.iter().zip(x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                let order = 2.0 * gamma(c.cols + 2) * s + 1e-30;
+                out.push((order, order, exact));
+            }
+        }
+    }
+    out
+}
+
+fn check_case(c: &Case, n: usize, rng: &mut Rng) -> Result<(), TestCaseError> {
+    let xs = rng.vec(n * c.cols);
+    let mut reference = vec![0f32; n * c.rows];
+    c.m.matmul_on(Isa::Scalar, &xs, n, &mut reference);
+    let b = bounds(c, &xs, n);
+    for (i, (&y, &(_, tol, exact))) in reference.iter().zip(&b).enumerate() {
+        prop_assert!(
+            (y as f64 - exact).abs() <= tol,
+            "{} [{}x{}] n={n}: scalar output {i} = {y}, exact {exact}, bound {tol}",
+            c.qtype, c.rows, c.cols
+        );
+    }
+    for isa in Isa::available() {
+        let mut ys = vec![f32::NAN; n * c.rows];
+        c.m.matmul_on(isa, &xs, n, &mut ys);
+        for (i, ((&y, &r), &(tol, _, _))) in ys.iter().zip(&reference).zip(&b).enumerate() {
+            prop_assert!(
+                (y as f64 - r as f64).abs() <= tol,
+                "{} [{}x{}] n={n} on {}: output {i} = {y}, scalar {r}, bound {tol}",
+                c.qtype, c.rows, c.cols, isa.name()
+            );
+        }
+        if isa == kernels::selected() {
+            // The public entry points take the selected path.
+            let mut y1 = vec![f32::NAN; n * c.rows];
+            if n == 1 {
+                c.m.matvec(&xs, &mut y1);
+            } else {
+                c.m.matmul(&xs, n, &mut y1);
+            }
+            prop_assert_eq!(&y1, &ys);
+        }
+    }
+    Ok(())
+}
+
+fn qtype_strategy() -> impl Strategy<Value = QuantType> {
+    prop::sample::select(QuantType::ALL.to_vec())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn simd_paths_match_scalar_and_exact(
+        qtype in qtype_strategy(),
+        rows in 1usize..=53,
+        blocks in 1usize..=9,
+        extra in 0usize..32,
+        n in 1usize..=9,
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng(seed);
+        // Float types take any width; blocked types whole blocks.
+        let cols = if is_int(qtype) { blocks * 32 } else { blocks * 32 - extra };
+        let c = case(qtype, rows, cols, &mut rng);
+        check_case(&c, n, &mut rng)?;
+    }
+
+    #[test]
+    fn row_f32_is_dequantize_row(
+        qtype in qtype_strategy(),
+        rows in 1usize..=40,
+        blocks in 1usize..=5,
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng(seed);
+        let c = case(qtype, rows, blocks * 32, &mut rng);
+        let mut out = vec![0f32; c.cols];
+        for r in 0..rows {
+            c.m.row_f32(r, &mut out);
+            let want = &c.w[r * c.cols..(r + 1) * c.cols];
+            prop_assert!(out.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "row {}", r);
+        }
+    }
+}
+
+/// Big enough to go through the thread pool (and every thread count gives the same bits, since
+/// each row is computed whole by one thread).
+#[test]
+fn pooled_products_match_scalar() {
+    let mut rng = Rng(7);
+    for qtype in QuantType::ALL {
+        let c = case(qtype, 301, 1024, &mut rng);
+        for n in [1, 9] {
+            check_case(&c, n, &mut rng).unwrap();
+        }
+    }
+}
+
+#[test]
+fn matvec_pair_equals_two_matvecs() {
+    let mut rng = Rng(11);
+    for (qa, qb) in [(QuantType::Q8_0, QuantType::Q8_0), (QuantType::Iq4Nl, QuantType::Bf16)] {
+        let a = case(qa, 200, 512, &mut rng);
+        let b = case(qb, 77, 512, &mut rng);
+        let x = rng.vec(512);
+        let (mut ya, mut yb) = (vec![0f32; 200], vec![0f32; 77]);
+        Matrix::matvec_pair(&a.m, &b.m, &x, &mut ya, &mut yb);
+        let (mut ra, mut rb) = (vec![0f32; 200], vec![0f32; 77]);
+        a.m.matvec(&x, &mut ra);
+        b.m.matvec(&x, &mut rb);
+        assert_eq!(ya, ra);
+        assert_eq!(yb, rb);
+    }
+}
+
+#[test]
+fn reload_replaces_weights() {
+    let mut rng = Rng(3);
+    for qtype in QuantType::ALL {
+        let a = case(qtype, 37, 96, &mut rng);
+        let b = case(qtype, 37, 96, &mut rng);
+        let mut m = Matrix::from_bytes(qtype, 37, 96, &a.bytes).unwrap();
+        m.reload(&b.bytes).unwrap();
+        let x = rng.vec(96);
+        let (mut y, mut want) = (vec![0f32; 37], vec![0f32; 37]);
+        m.matvec(&x, &mut y);
+        b.m.matvec(&x, &mut want);
+        assert_eq!(y, want, "{qtype}");
+        assert!(m.reload(&b.bytes[1..]).is_err());
+    }
+}
+
+#[test]
+fn shape_errors_are_reported() {
+    let e = Matrix::from_bytes(QuantType::Q8_0, 2, 64, &[0u8; 10]).err().unwrap();
+    assert!(e.to_string().contains("needs 136 bytes, got 10"), "{e}");
+    let e = Matrix::from_bytes(QuantType::Iq4Nl, 2, 40, &[0u8; 10]).err().unwrap();
+    assert!(e.to_string().contains("40 columns"), "{e}");
+}
+
+/// Quantization error of the integer paths on a realistic shape, measured against the exact
+/// product of the dequantized weights. Rounding activations to steps `d` adds independent errors
+/// uniform on [-d/2, d/2], so the predicted RMS error of output r is `sqrt(sum_i w_ri^2 d_i^2 / 12)`;
+/// the measured one must match it, and stay under 1% of the output's RMS for activations without
+/// outliers (amax of 32 such values is about 2.3 sigma, predicting about 0.5%).
+#[test]
+fn int_paths_error_matches_rounding_model() {
+    let mut rng = Rng(5);
+    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4_0] {
+        let c = case(qtype, 256, 2048, &mut rng);
+        for outliers in [false, true] {
+            let x = if outliers { rng.vec(2048) } else { rng.plain_vec(2048) };
+            let st = steps(&x);
+            let mut y = vec![0f32; 256];
+            c.m.matvec(&x, &mut y);
+            let b = bounds(&c, &x, 1);
+            let (mut err2, mut pred2, mut sig2) = (0f64, 0f64, 0f64);
+            for (r, (&y, &(_, tol, exact))) in y.iter().zip(&b).enumerate() {
+                assert!((y as f64 - exact).abs() <= tol, "{qtype} row {r}: {y} vs {exact} (bound {tol})");
+                err2 += (y as f64 - exact).powi(2);
+                sig2 += exact * exact;
+                let w = &c.w[r * 2048..(r + 1) * 2048];
+                pred2 += w.iter().enumerate().map(|(i, a)| (*a as f64 * st[i / 32]).powi(2) / 12.0).sum::<f64>();
+            }
+            let (rel, ratio) = ((err2 / sig2).sqrt(), (err2 / pred2).sqrt());
+            eprintln!(
+                "{qtype} (activation outliers: {outliers}): relative RMS error {rel:.5}, measured / predicted {ratio:.3}"
+            );
+            assert!((0.75..1.25).contains(&ratio), "{qtype}: error {ratio} x the rounding model");
+            if !outliers {
+                assert!(rel < 0.01, "{qtype}: relative RMS error {rel}");
+            }
+        }
+    }
+}
+
+#[test]
+fn describe_names_the_path() {
+    let d = kernels::describe();
+    assert!(d.starts_with(kernels::selected().name()), "{d}");
+    assert!(Isa::available().contains(&Isa::Scalar));
+    assert!(Isa::available().contains(&kernels::selected()));
+}
+
+#[test]
+fn read_bandwidth_is_plausible() {
+    let bw = kernels::measure_read_bandwidth(1);
+    // Between 100 MB/s and 10 TB/s: a number, not an artifact of timing nothing.
+    assert!(bw > 1e8 && bw < 1e13, "{bw}");
+}
