@@ -116,13 +116,15 @@ fn quantized_agreement(f: &Fixture, dense: QuantType, experts: QuantType) -> Agr
 /// variance. For small errors KL ~ var(logit error) / 2, so the ratio is roughly the squared
 /// relative logit error:
 /// * median over positions: insensitive to routing flips, it tracks the weight error alone.
-///   Relative weight errors are ~0.5% rms (q8_0) and ~9% (4-bit) on Gaussian weights, and the
-///   measured ratios are ~5e-4 and ~5e-2; the bounds are 6x and 2x those;
-/// * mean: the number the llama.cpp reference points use (on a real model of this architecture,
-///   vs float64: 9.4e-6 for Q8_0, 1.6e-3 for Q4_0; ours are of the same order). It includes the
-///   routing flips, so it gets room for several of them on top of the median's bound;
-/// * top-1 agreement is weak evidence at such margins: q8_0 moves logits by ~1e-3 (without flips) and
-///   may turn the closest positions only; 4-bit moves them by ~0.05, a typical margin, so only a bare
+///   Relative weight errors are ~0.5% rms (q8_0) and ~9% (4-bit) on Gaussian weights; the
+///   integer kernels also round activations to int8 per 32-block (as ggml does), an error of the
+///   same order as q8_0's. Measured ratios are up to ~2e-3 (q8_0) and ~7e-2 (4-bit); the bounds
+///   are 1.5x and 1.5x those;
+/// * mean: the number the llama.cpp reference points use (vs float64 on another model of this
+///   architecture: 9.4e-6 for Q8_0, 1.6e-3 for Q4_0). It includes the routing flips, so it gets
+///   room for several of them on top of the median's bound;
+/// * top-1 agreement is weak evidence at such margins: q8_0 moves logits by ~1e-3 (without flips)
+///   and may turn the closest positions only; 4-bit moves them by ~0.05, a typical margin, so only a bare
 ///   majority is required (unrelated logits agree at ~0.3, mostly on repeated tokens);
 /// * max |d| is set by routing flips and is only checked against the scale of the logits.
 struct Bounds {
@@ -136,7 +138,7 @@ struct Bounds {
 
 fn bounds(experts: QuantType) -> Bounds {
     match experts {
-        QuantType::Q8_0 => Bounds { median_kl_ratio: 3e-3, mean_kl_ratio: 0.05, top1: 0.9, max_abs: 0.5 },
+        QuantType::Q8_0 => Bounds { median_kl_ratio: 3e-3, mean_kl_ratio: 0.05, top1: 0.8, max_abs: 0.5 },
         _ => Bounds { median_kl_ratio: 0.1, mean_kl_ratio: 0.2, top1: 0.5, max_abs: 1.5 },
     }
 }
@@ -177,17 +179,26 @@ fn quantized_weights_measured_against_golden() {
 }
 
 /// Quantized matrices go through the same forward pass: against a naive float64 forward over the
-/// very same (dequantized) weights, only f32 rounding remains.
+/// very same (dequantized) weights, only activation rounding remains: the integer kernels
+/// quantize activations to int8 per 32-block (as ggml does), which moves logits by about 1e-3
+/// typically, more where a near-tied routing decision flips. A structural error (orientation,
+/// nibble order, scales) would move them as much as unrelated logits do (median KL ~4e-3 here).
 #[test]
 fn quantized_model_equals_naive_forward_on_its_own_weights() {
     let f = micro_hf();
     let model = f.model(QuantType::Q8_0, QuantType::Iq4Nl);
     let toks = f.tokens();
     let naive = naive_forward(model.config(), model.weights(), &toks.all, true);
+    let v = naive[0].len();
+    let as_golden = grok1::npy::NpyArray { shape: vec![naive.len(), v], data: naive.concat() };
     for splits in [vec![toks.all.len()], vec![5, toks.prompt.len()]] {
         let ours = logits_by_chunks(&model, &toks.all, &splits);
+        let a = compare(&as_golden, &ours);
+        eprintln!("{splits:?}: {a:?}");
+        assert!(a.median_kl < 1e-5 && a.mean_kl < 2e-4, "{splits:?}: {a:?}");
+        assert!(a.top1 >= 0.9, "{splits:?}: {a:?}");
         let d = max_abs_diff(&naive, &ours);
-        assert!(d < LOSSLESS_TOL, "{splits:?}: max |d| {d:e}");
+        assert!(d < 0.2, "{splits:?}: max |d| {d:e}");
     }
 }
 

@@ -211,28 +211,3 @@ pub(crate) unsafe fn float_rows(isa: Isa, j: &FloatJob, rows: Range<usize>) {
     }
 }
 
-static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-pub fn set_threads(n: usize) {
-    THREADS.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
-}
-
-pub fn threads() -> usize {
-    match THREADS.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => rayon::current_num_threads(),
-        n => n,
-    }
-}
-
-pub fn describe() -> String {
-    "scalar".into()
-}
-
-pub fn measure_read_bandwidth(_threads: usize) -> f64 {
-    let buf = vec![1u64; 64 << 20];
-    let t = std::time::Instant::now();
-    let s: u64 = buf.iter().sum();
-    std::hint::black_box(s);
-    (buf.len() * 8) as f64 / t.elapsed().as_secs_f64()
-}
