@@ -131,6 +131,22 @@ fn drive(store: &ExpertStore, refs: &[[Vec<f32>; 3]], steps: usize, seed: u64, h
     }
 }
 
+/// Once every read has landed and the model holds nothing, the only experts alive are the
+/// cached ones (no prefetched expert is left stranded outside the cache).
+fn check_quiescent(store: &ExpertStore) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = store.stats();
+        let issued = s.prefetch.issued - s.prefetch.cancelled;
+        if s.disk.prefetch_reads == issued {
+            assert_eq!(s.live_bytes, s.cached_bytes, "{}", s.summary());
+            return;
+        }
+        assert!(t0.elapsed().as_secs() < 10, "reads never finished: {}", s.summary());
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 fn expert_bytes(m: &ConvertedModel) -> u64 {
     m.expert_chunk(0, 0).tensors.iter().map(|t| t.bytes).sum()
 }
@@ -149,6 +165,7 @@ fn experts_are_identical_under_any_budget_and_read_path() {
                 let opts = StoreOptions { ram_budget: budget, no_cache, read_path: path, ..Default::default() };
                 let store = ExpertStore::open(m.clone(), &opts).unwrap();
                 drive(&store, &refs, 40, 0x9e3779b97f4a7c15 ^ budget, true);
+                check_quiescent(&store);
                 let s = store.stats();
                 check_identities(&s);
                 assert_eq!(s.tokens, 40);

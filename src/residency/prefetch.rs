@@ -136,7 +136,9 @@ fn deliver(st: &mut State, slot: usize, kind: JobKind, stored: u64, busy: f64, r
     let s = &mut st.slots[slot];
     // A waiting fetch takes its copy from `landed` (also when it was admitted, so that the cache
     // cannot evict it between this delivery and the fetch waking up).
-    if s.want > 0 || (kind == JobKind::Prefetch && !admitted) {
+    // A prefetch that the next fetch of its layer already judged unneeded (it was reading then)
+    // is not kept outside the cache: nobody would ever collect it.
+    if s.want > 0 || (kind == JobKind::Prefetch && s.prefetched && !admitted) {
         s.landed = Some(expert);
     }
 }
