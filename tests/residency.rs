@@ -412,3 +412,21 @@ fn plans_for_a_workstation_and_a_cpu_only_server_are_sane() {
     // q8 experts are twice the bytes: more of them on disk, slower.
     assert!(q8.experts_disk > ws.experts_disk && q8.tok_s < ws.tok_s);
 }
+
+#[test]
+fn the_store_and_its_handles_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<ExpertStore>();
+    send_sync::<grok1::residency::ExpertRef>();
+    let tmp = tempfile::tempdir().unwrap();
+    let m = converted(&tmp.path().join("m"), QuantType::Q8_0, Compression::None);
+    let refs = reference(&m);
+    let store = ExpertStore::open(m.clone(), &StoreOptions { ram_budget: 3 * expert_bytes(&m), ..Default::default() }).unwrap();
+    // Two callers at once (say, two sequences decoded side by side) see the same experts.
+    std::thread::scope(|s| {
+        s.spawn(|| drive(&store, &refs, 20, 11, true));
+        s.spawn(|| drive(&store, &refs, 20, 12, false));
+    });
+    check_quiescent(&store);
+    check_identities(&store.stats());
+}

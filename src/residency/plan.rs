@@ -407,9 +407,9 @@ mod tests {
         // 3 x 6144 x 32768 weights at 18 bytes per 32.
         assert_eq!(expert_bytes(&c, QuantType::Iq4Nl).unwrap(), 3 * 6144 * 32768 / 32 * 18);
         assert_eq!(expert_bytes(&c, QuantType::Q8_0).unwrap(), 3 * 6144 * 32768 / 32 * 34);
-        let attn = 2 * 6144 * 6144 + 2 * 1024 * 6144;
+        let attn: u64 = 2 * 6144 * 6144 + 2 * 1024 * 6144;
         let q8 = (64 * attn + 131072 * 6144) / 32 * 34;
         let f32s = 64 * (8 * 6144 + 4 * 6144) * 4 + 6144 * 4;
-        assert_eq!(dense_bytes(&c, QuantType::Q8_0).unwrap(), (q8 + f32s) as u64);
+        assert_eq!(dense_bytes(&c, QuantType::Q8_0).unwrap(), q8 + f32s);
     }
 }
