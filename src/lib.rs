@@ -8,6 +8,7 @@
 //! quant        rows of f32 -> blocks (q8, q4, bf16), ggml-compatible byte layouts
 //! format       chunks, shards, sha256, manifest written last; reader and verifier
 //! convert      the parallel, resumable pipeline that ties the three above together
+//! residency    which expert lives where (RAM within a budget, or disk), reads, prefetch; plan
 //! kernels      dot products and matrix products per CPU feature set
 //! model        the Grok-1 forward pass, readable top to bottom
 //! tokenizer    SentencePiece BPE, text in, text out
@@ -24,6 +25,7 @@ pub mod kernels;
 pub mod model;
 pub mod npy;
 pub mod quant;
+pub mod residency;
 pub mod sampling;
 pub mod synth;
 pub mod tokenizer;

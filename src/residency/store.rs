@@ -1,0 +1,544 @@
+//! `ExpertStore`: the cache, its bookkeeping, and the `fetch` iterator the model consumes.
+
+use super::io::ChunkReader;
+use super::policy::Policy;
+use super::prefetch::{self, IoState, JobKind, JobQueue};
+use super::stats::{DiskStats, Mode, PrefetchStats, StoreStats, TierStats};
+use super::tiers::DeviceResidency;
+use super::{Expert, ExpertRef, LiveBytes, ReadPath, StoreOptions};
+use crate::config::GrokConfig;
+use crate::error::{Error, Result};
+use crate::format::ConvertedModel;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// One (layer, expert).
+pub(crate) struct Slot {
+    pub(crate) cached: Option<Arc<Expert>>,
+    pub(crate) pinned: bool,
+    pub(crate) io: IoState,
+    /// Read but not (only) in the cache: waiting for the fetch that wants it, or a prefetch
+    /// waiting for the next fetch of its layer.
+    pub(crate) landed: Option<Arc<Expert>>,
+    pub(crate) failed: Option<Error>,
+    /// A hint queued a read for it that the next fetch of its layer has not judged yet.
+    pub(crate) prefetched: bool,
+    /// Fetches waiting for its read.
+    pub(crate) want: u32,
+    /// Runtime bytes (from the manifest until it is first read).
+    pub(crate) bytes: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) fetches: u64,
+    pub(crate) requests: u64,
+    pub(crate) tokens: u64,
+    pub(crate) gpu: TierStats,
+    pub(crate) ram: TierStats,
+    pub(crate) disk: DiskStats,
+    pub(crate) load_bytes: u64,
+    pub(crate) prefetch: PrefetchStats,
+    pub(crate) stall_seconds: f64,
+    pub(crate) load_seconds: f64,
+    pub(crate) peak_cached_bytes: u64,
+    pub(crate) evictions: u64,
+    pub(crate) not_admitted: u64,
+}
+
+pub(crate) struct State {
+    pub(crate) n_experts: usize,
+    pub(crate) mode: Mode,
+    pub(crate) budget: u64,
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) queue: JobQueue,
+    pub(crate) shutdown: bool,
+    pub(crate) policy: Policy,
+    /// Forward steps so far: each fetch advances it by 1 / n_layers.
+    pub(crate) clock: f64,
+    pub(crate) cached_bytes: u64,
+    pub(crate) counters: Counters,
+    pub(crate) device: Option<Arc<dyn DeviceResidency>>,
+    /// Per layer: the experts the last hint for it named, until its next fetch judges them.
+    hints: Vec<Vec<usize>>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) model: Arc<ConvertedModel>,
+    pub(crate) reader: ChunkReader,
+    pub(crate) n_experts: usize,
+    pub(crate) live: Arc<LiveBytes>,
+    pub(crate) state: Mutex<State>,
+    /// Signalled when a read finishes.
+    pub(crate) landed: Condvar,
+    /// Signalled when work is queued or the store shuts down.
+    pub(crate) work: Condvar,
+}
+
+/// Experts of one converted model, resident in RAM within a budget or read on demand.
+pub struct ExpertStore {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    n_layers: usize,
+    io_threads: usize,
+    prefetch: bool,
+    total_bytes: u64,
+}
+
+impl ExpertStore {
+    /// Open the store over `model`. With a budget that holds every expert, loads them all now
+    /// (`Mode::AllInRam`) and never reads again.
+    pub fn open(model: Arc<ConvertedModel>, opts: &StoreOptions) -> Result<ExpertStore> {
+        let c = model.config().clone();
+        let n = c.n_layers * c.n_experts;
+        let slots: Vec<Slot> = (0..n)
+            .map(|i| {
+                let chunk = model.expert_chunk(i / c.n_experts, i % c.n_experts);
+                Slot {
+                    cached: None,
+                    pinned: false,
+                    io: IoState::Idle,
+                    landed: None,
+                    failed: None,
+                    prefetched: false,
+                    want: 0,
+                    bytes: chunk.tensors.iter().map(|t| t.bytes).sum(),
+                }
+            })
+            .collect();
+        let total_bytes: u64 = slots.iter().map(|s| s.bytes).sum();
+        let mode = if opts.no_cache {
+            Mode::NoCache
+        } else if opts.ram_budget >= total_bytes {
+            Mode::AllInRam
+        } else {
+            Mode::Cached
+        };
+        if opts.io_threads == 0 {
+            return Err(Error::Invalid("the expert store needs at least one I/O thread".into()));
+        }
+        let reader = ChunkReader::open(&model, opts.read_path)?;
+        let state = State {
+            n_experts: c.n_experts,
+            mode,
+            budget: if mode == Mode::NoCache { 0 } else { opts.ram_budget },
+            slots,
+            queue: JobQueue::default(),
+            shutdown: false,
+            policy: Policy::new(n, opts.half_life_steps),
+            clock: 0.0,
+            cached_bytes: 0,
+            counters: Counters::default(),
+            device: None,
+            hints: vec![Vec::new(); c.n_layers],
+        };
+        let shared = Arc::new(Shared {
+            model,
+            reader,
+            n_experts: c.n_experts,
+            live: Arc::new(LiveBytes::default()),
+            state: Mutex::new(state),
+            landed: Condvar::new(),
+            work: Condvar::new(),
+        });
+        let mut threads = Vec::new();
+        for i in 0..opts.io_threads {
+            let sh = shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("expert-io-{i}"))
+                .spawn(move || prefetch::worker(sh))
+                .map_err(|e| Error::Invalid(format!("cannot start an expert I/O thread: {e}")))?;
+            threads.push(t);
+        }
+        let store = ExpertStore {
+            shared,
+            threads,
+            n_layers: c.n_layers,
+            io_threads: opts.io_threads,
+            prefetch: opts.prefetch && mode == Mode::Cached,
+            total_bytes,
+        };
+        if mode == Mode::AllInRam {
+            let t0 = Instant::now();
+            store.load((0..n).collect())?;
+            store.shared.state.lock().unwrap().counters.load_seconds = t0.elapsed().as_secs_f64();
+        }
+        Ok(store)
+    }
+
+    pub fn config(&self) -> &GrokConfig {
+        self.shared.model.config()
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.shared.state.lock().unwrap().mode
+    }
+
+    /// The read path in effect (`Direct` falls back to `Pread` where unsupported).
+    pub fn read_path(&self) -> ReadPath {
+        self.shared.reader.path()
+    }
+
+    /// Runtime bytes of every expert together.
+    pub fn total_expert_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    fn slot(&self, layer: usize, expert: usize) -> Result<usize> {
+        let ne = self.shared.n_experts;
+        if layer >= self.n_layers || expert >= ne {
+            return Err(Error::Invalid(format!(
+                "expert {expert} of layer {layer} asked for; the model has {} layers of {ne} experts",
+                self.n_layers
+            )));
+        }
+        Ok(layer * ne + expert)
+    }
+
+    /// Read `slots` into the cache unconditionally and wait for all of them.
+    fn load(&self, slots: Vec<usize>) -> Result<()> {
+        let sh = &self.shared;
+        let mut st = sh.state.lock().unwrap();
+        for &s in &slots {
+            if st.slots[s].cached.is_none() && st.slots[s].io == IoState::Idle {
+                st.slots[s].io = IoState::Queued(JobKind::Load);
+                st.queue.push(s, JobKind::Load);
+            }
+            st.slots[s].want += 1;
+        }
+        sh.work.notify_all();
+        let mut first_err = None;
+        for &s in &slots {
+            while !(st.slots[s].cached.is_some() || st.slots[s].landed.is_some() || st.slots[s].failed.is_some()) {
+                st = sh.landed.wait(st).unwrap();
+            }
+            if let Some(e) = prefetch::take_failure(&mut st, s) {
+                first_err.get_or_insert(e);
+            } else if st.slots[s].cached.is_none() {
+                // Read by a prefetch or a demand read that the policy did not admit.
+                let a = st.slots[s].landed.clone().expect("landed");
+                prefetch::admit(&mut st, s, &a, true);
+            }
+            let slot = &mut st.slots[s];
+            slot.want -= 1;
+            if slot.want == 0 {
+                slot.landed = None;
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Keep an expert resident whatever the policy says, within the budget.
+    pub fn pin(&self, layer: usize, expert: usize) -> Result<()> {
+        let s = self.slot(layer, expert)?;
+        {
+            let mut st = self.shared.state.lock().unwrap();
+            if st.mode == Mode::NoCache {
+                return Err(Error::Invalid("experts cannot be pinned without a cache".into()));
+            }
+            if st.slots[s].pinned {
+                return Ok(());
+            }
+            let pinned: u64 = st.slots.iter().filter(|x| x.pinned).map(|x| x.bytes).sum();
+            if pinned + st.slots[s].bytes > st.budget {
+                return Err(Error::Invalid(format!(
+                    "pinning expert {expert} of layer {layer} ({} bytes) would exceed the RAM budget of {} bytes ({pinned} already pinned)",
+                    st.slots[s].bytes, st.budget
+                )));
+            }
+            st.slots[s].pinned = true;
+        }
+        let r = self.load(vec![s]);
+        if r.is_err() {
+            self.shared.state.lock().unwrap().slots[s].pinned = false;
+        }
+        r
+    }
+
+    pub fn unpin(&self, layer: usize, expert: usize) -> Result<()> {
+        let s = self.slot(layer, expert)?;
+        self.shared.state.lock().unwrap().slots[s].pinned = false;
+        Ok(())
+    }
+
+    /// Attach a device tier: experts it holds are no longer fetched nor cached in RAM.
+    pub fn set_device(&self, device: Arc<dyn DeviceResidency>) {
+        self.shared.state.lock().unwrap().device = Some(device);
+    }
+
+    /// The `n` experts with the highest decayed use counts, hottest first: what a device tier
+    /// should hold.
+    pub fn hottest(&self, n: usize) -> Vec<(usize, usize)> {
+        let st = self.shared.state.lock().unwrap();
+        let ne = self.shared.n_experts;
+        st.policy.ranking(st.clock).into_iter().take(n).map(|s| (s / ne, s % ne)).collect()
+    }
+
+    /// Whether an expert is in the RAM cache right now.
+    pub fn is_cached(&self, layer: usize, expert: usize) -> bool {
+        self.slot(layer, expert).is_ok_and(|s| self.shared.state.lock().unwrap().slots[s].cached.is_some())
+    }
+
+    /// Count `n` tokens processed (per-token statistics).
+    pub fn advance(&self, n: u64) {
+        self.shared.state.lock().unwrap().counters.tokens += n;
+    }
+
+    /// Guess of the experts layer `layer` will ask for: read the ones not resident in the
+    /// background, so that the fetch finds them landed (or in flight). Replaces any earlier
+    /// guess for that layer. Ignored without a cache, and when everything is resident.
+    pub fn hint_next_layer(&self, layer: usize, guessed: &[usize]) {
+        if !self.prefetch || layer >= self.n_layers {
+            return;
+        }
+        let ne = self.shared.n_experts;
+        let mut st = self.shared.state.lock().unwrap();
+        let guessed: Vec<usize> = dedup(guessed.iter().copied().filter(|&e| e < ne));
+        st.counters.prefetch.hinted += guessed.len() as u64;
+        let mut queued = false;
+        for &e in &guessed {
+            let s = layer * ne + e;
+            if st.device.as_ref().is_some_and(|d| d.holds(layer, e)) {
+                continue;
+            }
+            let slot = &mut st.slots[s];
+            if slot.cached.is_some() || slot.landed.is_some() || slot.io != IoState::Idle {
+                continue;
+            }
+            slot.io = IoState::Queued(JobKind::Prefetch);
+            slot.prefetched = true;
+            st.queue.push(s, JobKind::Prefetch);
+            st.counters.prefetch.issued += 1;
+            queued = true;
+        }
+        st.hints[layer] = guessed;
+        drop(st);
+        if queued {
+            self.shared.work.notify_all();
+        }
+    }
+
+    /// The experts `needed` for `layer`, each as soon as it is resident: cached ones at once,
+    /// the others as their reads land. Every expert is yielded exactly once, unless a device
+    /// tier holds it (the model computes those on the device).
+    pub fn fetch(&self, layer: usize, needed: &[usize]) -> Fetch<'_> {
+        let sh = &self.shared;
+        let ne = sh.n_experts;
+        let mut ready = VecDeque::new();
+        let mut pending = Vec::new();
+        let mut errors = VecDeque::new();
+        let needed = dedup(needed.iter().copied());
+        let mut st = sh.state.lock().unwrap();
+        let st = &mut *st;
+        if layer >= self.n_layers || needed.iter().any(|&e| e >= ne) {
+            errors.push_back(self.slot(layer, needed.iter().copied().max().unwrap_or(0)).unwrap_err());
+            return Fetch { store: self, layer, ready, pending, errors };
+        }
+        st.clock += 1.0 / self.n_layers as f64;
+        st.counters.fetches += 1;
+        let hinted = std::mem::take(&mut st.hints[layer]);
+        st.counters.prefetch.hinted_used += hinted.iter().filter(|e| needed.contains(e)).count() as u64;
+        // Judge the prefetches for this layer the fetch does not need.
+        for e in (0..ne).filter(|e| !needed.contains(e)) {
+            let s = layer * ne + e;
+            let slot = &mut st.slots[s];
+            if !slot.prefetched {
+                continue;
+            }
+            slot.prefetched = false;
+            st.counters.prefetch.wasted += 1;
+            if slot.io == IoState::Queued(JobKind::Prefetch) && st.queue.cancel(s) {
+                slot.io = IoState::Idle;
+                st.counters.prefetch.cancelled += 1;
+            }
+            if slot.want == 0 {
+                slot.landed = None;
+                slot.failed = None;
+            }
+        }
+        let mut queued = false;
+        for &e in &needed {
+            let s = layer * ne + e;
+            st.counters.requests += 1;
+            st.policy.touch(s, st.clock);
+            if let Some(d) = &st.device {
+                if d.holds(layer, e) {
+                    st.counters.gpu.hits += 1;
+                    continue;
+                }
+                st.counters.gpu.misses += 1;
+            }
+            let c = &mut st.counters;
+            let slot = &mut st.slots[s];
+            let was_prefetched = std::mem::replace(&mut slot.prefetched, false);
+            if let Some(a) = slot.cached.clone().or_else(|| slot.landed.clone()) {
+                if was_prefetched {
+                    c.ram.misses += 1;
+                    c.prefetch.ready += 1;
+                } else {
+                    c.ram.hits += 1;
+                }
+                if slot.want == 0 {
+                    slot.landed = None;
+                }
+                ready.push_back((e, ExpertRef(a)));
+                continue;
+            }
+            c.ram.misses += 1;
+            if slot.failed.is_some() && slot.io == IoState::Idle {
+                // A failed prefetch: report it now rather than reading again.
+                slot.want += 1;
+                let err = prefetch::take_failure(st, s).expect("failure present");
+                st.slots[s].want -= 1;
+                errors.push_back(err);
+                continue;
+            }
+            match slot.io {
+                IoState::Idle => {
+                    slot.io = IoState::Queued(JobKind::Demand);
+                    st.queue.push(s, JobKind::Demand);
+                    queued = true;
+                }
+                IoState::Queued(JobKind::Prefetch) => {
+                    // Still counted as a prefetch read when it lands; only its place changes.
+                    st.queue.promote(s);
+                    c.prefetch.late += 1;
+                }
+                IoState::Reading(JobKind::Prefetch) => c.prefetch.late += 1,
+                // Another fetch's demand read or a load: wait for the same read.
+                _ => c.disk.shared_reads += 1,
+            }
+            st.slots[s].want += 1;
+            pending.push(e);
+        }
+        if queued {
+            sh.work.notify_all();
+        }
+        Fetch { store: self, layer, ready, pending, errors }
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let st = self.shared.state.lock().unwrap();
+        let c = &st.counters;
+        StoreStats {
+            mode: st.mode,
+            read_path: self.shared.reader.path(),
+            io_threads: self.io_threads,
+            ram_budget: st.budget,
+            total_expert_bytes: self.total_bytes,
+            steps: st.clock,
+            tokens: c.tokens,
+            fetches: c.fetches,
+            requests: c.requests,
+            gpu: st.device.as_ref().map(|_| c.gpu),
+            ram: c.ram,
+            disk: c.disk.clone(),
+            load_bytes: c.load_bytes,
+            prefetch: c.prefetch,
+            stall_seconds: c.stall_seconds,
+            load_seconds: c.load_seconds,
+            cached_experts: st.slots.iter().filter(|s| s.cached.is_some()).count(),
+            pinned_experts: st.slots.iter().filter(|s| s.pinned).count(),
+            cached_bytes: st.cached_bytes,
+            peak_cached_bytes: c.peak_cached_bytes,
+            live_bytes: self.shared.live.now(),
+            peak_live_bytes: self.shared.live.peak(),
+            evictions: c.evictions,
+            not_admitted: c.not_admitted,
+        }
+    }
+}
+
+impl Drop for ExpertStore {
+    fn drop(&mut self) {
+        self.shared.state.lock().unwrap().shutdown = true;
+        self.shared.work.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn dedup(it: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut v: Vec<usize> = Vec::new();
+    for e in it {
+        if !v.contains(&e) {
+            v.push(e);
+        }
+    }
+    v
+}
+
+/// The experts of one `fetch`, resident ones first, then each read as it lands.
+pub struct Fetch<'a> {
+    store: &'a ExpertStore,
+    layer: usize,
+    ready: VecDeque<(usize, ExpertRef)>,
+    /// Experts still being read, in request order.
+    pending: Vec<usize>,
+    errors: VecDeque<Error>,
+}
+
+impl Iterator for Fetch<'_> {
+    type Item = Result<(usize, ExpertRef)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(r) = self.ready.pop_front() {
+            return Some(Ok(r));
+        }
+        if let Some(e) = self.errors.pop_front() {
+            return Some(Err(e));
+        }
+        if self.pending.is_empty() {
+            return None;
+        }
+        let sh = &self.store.shared;
+        let ne = sh.n_experts;
+        let t0 = Instant::now();
+        let mut st = sh.state.lock().unwrap();
+        loop {
+            for i in 0..self.pending.len() {
+                let e = self.pending[i];
+                let s = self.layer * ne + e;
+                let slot = &mut st.slots[s];
+                let out = if let Some(a) = slot.landed.clone().or_else(|| slot.cached.clone()) {
+                    Ok((e, ExpertRef(a)))
+                } else if slot.failed.is_some() {
+                    Err(prefetch::take_failure(&mut st, s).expect("failure present"))
+                } else {
+                    continue;
+                };
+                let slot = &mut st.slots[s];
+                slot.want -= 1;
+                if slot.want == 0 {
+                    slot.landed = None;
+                }
+                self.pending.remove(i);
+                st.counters.stall_seconds += t0.elapsed().as_secs_f64();
+                return Some(out);
+            }
+            st = sh.landed.wait(st).unwrap();
+        }
+    }
+}
+
+impl Drop for Fetch<'_> {
+    /// A fetch dropped before it yielded everything stops waiting for its reads.
+    fn drop(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let ne = self.store.shared.n_experts;
+        let mut st = self.store.shared.state.lock().unwrap();
+        for &e in &self.pending {
+            let slot = &mut st.slots[self.layer * ne + e];
+            slot.want -= 1;
+            if slot.want == 0 {
+                slot.landed = None;
+                slot.failed = None;
+            }
+        }
+    }
+}
