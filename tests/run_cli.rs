@@ -152,3 +152,35 @@ fn a_synthetic_model_generates_from_a_prompt_and_checks_its_tokenizer() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("sha256"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Streaming experts under a memory budget changes nothing numerically: the logits with a budget
+/// of one expert per layer (and with no cache at all, through each read path) are bit-identical
+/// to the all-in-RAM run.
+#[test]
+fn expert_budgets_do_not_change_the_logits() {
+    let Some(f) = common::tiny_hf().or_else(|| Some(common::micro_hf())) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("m");
+    convert(&f, &dst, "q8", "q8");
+    let model = dst.to_str().unwrap();
+    let m = grok1::format::ConvertedModel::open(&dst).unwrap();
+    let per_layer = grok1::model::load::expert_bytes(&m);
+    let layers = m.config().n_layers;
+    let tokens = ids(&f.tokens().all);
+    let logits = |extra: &[&str]| -> Vec<u8> {
+        let out = tmp.path().join("l.npy");
+        let mut args = vec!["logits", "--model", model, "--tokens", &tokens, "--out", out.to_str().unwrap(), "--decode-from", "7"];
+        args.extend_from_slice(extra);
+        run(&args);
+        std::fs::read(&out).unwrap()
+    };
+    let all_in_ram = logits(&[]);
+    let one_per_layer = (per_layer * layers).to_string();
+    assert_eq!(logits(&["--ram-budget", &one_per_layer]), all_in_ram, "one expert per layer");
+    assert_eq!(logits(&["--ram-budget", &one_per_layer, "--no-prefetch"]), all_in_ram);
+    for path in ["direct", "pread", "mmap"] {
+        assert_eq!(logits(&["--no-expert-cache", "--read-path", path]), all_in_ram, "{path}");
+    }
+    let everything = (per_layer * layers * m.config().n_experts).to_string();
+    assert_eq!(logits(&["--ram-budget", &everything]), all_in_ram, "budget holding everything");
+}

@@ -5,16 +5,21 @@
 
 use super::attention::{attend, grow, AttnParams, AttnScratch};
 use super::kv_cache::KvCache;
-use super::moe::{moe, project, MoeScratch};
+use super::moe::{moe, project, Experts, MoeScratch};
 use super::ops::{add_rms_norm_rows, rms_norm_rows, rope_in_place, rope_phases};
 use super::weights::Weights;
 use crate::config::GrokConfig;
 use crate::error::{Error, Result};
+use crate::residency::ExpertStore;
 use std::sync::Mutex;
 
 pub struct Model {
     config: GrokConfig,
     weights: Weights,
+    /// Streams the experts when they are not in `weights`.
+    store: Option<ExpertStore>,
+    /// Bytes of one expert's three matrices.
+    expert_bytes: usize,
     attn: AttnParams,
     /// Buffers of the decode loop, kept between tokens.
     decode_scratch: Mutex<Scratch>,
@@ -53,14 +58,34 @@ enum Emit {
 
 impl Model {
     pub fn new(config: GrokConfig, weights: Weights) -> Result<Model> {
+        if weights.layers.iter().any(|l| l.experts.is_empty()) {
+            return Err(Error::Invalid("the weights hold no experts: use Model::with_store".into()));
+        }
+        let expert_bytes = weights.layers.first().map_or(0, |l| l.experts[0].nbytes());
+        Model::build(config, weights, None, expert_bytes)
+    }
+
+    /// A model whose experts come from `store` (`weights` holds the dense part only).
+    pub fn with_store(config: GrokConfig, weights: Weights, store: ExpertStore, expert_bytes: usize) -> Result<Model> {
+        Model::build(config, weights, Some(store), expert_bytes)
+    }
+
+    fn build(config: GrokConfig, weights: Weights, store: Option<ExpertStore>, expert_bytes: usize) -> Result<Model> {
         config.validate().map_err(Error::Invalid)?;
         weights.check(&config)?;
         Ok(Model {
             attn: AttnParams::from_config(&config),
             config,
             weights,
+            store,
+            expert_bytes,
             decode_scratch: Mutex::new(Scratch::default()),
         })
+    }
+
+    /// The expert store, when experts are streamed.
+    pub fn store(&self) -> Option<&ExpertStore> {
+        self.store.as_ref()
     }
 
     pub fn config(&self) -> &GrokConfig {
@@ -101,8 +126,8 @@ impl Model {
         let emb = &w.embedding;
         let mut total = emb.nbytes() / emb.rows + emb.nbytes() + 4 * w.output_norm.len();
         for (l, lw) in w.layers.iter().enumerate() {
-            let expert = w.expert(l, 0).nbytes();
-            total += lw.dense_nbytes() + self.config.n_experts_per_token * expert;
+            let _ = l;
+            total += lw.dense_nbytes() + self.config.n_experts_per_token * self.expert_bytes;
         }
         total
     }
@@ -169,7 +194,13 @@ impl Model {
 
             // Mixture of experts: h += norm3(moe(norm2(h)))
             rms_norm_rows(h, &lw.ffn_norm, eps, xn);
-            moe(w, l, c.n_experts, c.n_experts_per_token, xn, block_out, &mut s.moe);
+            let experts = match &self.store {
+                None => Experts::Resident(w),
+                Some(store) => {
+                    Experts::Store { store, next_router: w.layers.get(l + 1).map(|n| n.router.as_slice()) }
+                }
+            };
+            moe(experts, &lw.router, l, c.n_experts, c.n_experts_per_token, xn, block_out, &mut s.moe)?;
             add_rms_norm_rows(h, block_out, &lw.ffn_out_norm, eps, row);
         }
 
@@ -180,6 +211,9 @@ impl Model {
         project(&w.embedding, &xn[..n_out * d], n_out, logits);
         for x in logits.iter_mut() {
             *x *= c.output_multiplier as f32;
+        }
+        if let Some(store) = &self.store {
+            store.advance(t_n as u64);
         }
         Ok(())
     }

@@ -48,12 +48,26 @@ pub fn expert_from_chunk(chunk: &ExpertChunk, raw: &[u8]) -> Result<ExpertWeight
 
 /// Load every weight into memory. `progress` receives stored bytes as they are loaded.
 pub fn load_weights(m: &ConvertedModel, progress: &mut dyn FnMut(u64)) -> Result<Weights> {
+    load(m, true, progress)
+}
+
+/// Load the dense weights only, for a model whose experts a `residency::ExpertStore` streams.
+pub fn load_dense_weights(m: &ConvertedModel, progress: &mut dyn FnMut(u64)) -> Result<Weights> {
+    load(m, false, progress)
+}
+
+/// Bytes of one expert's matrices (every expert of a model has the same shapes and types).
+pub fn expert_bytes(m: &ConvertedModel) -> usize {
+    m.expert_chunk(0, 0).tensors.iter().map(|t| t.bytes as usize).sum()
+}
+
+fn load(m: &ConvertedModel, with_experts: bool, progress: &mut dyn FnMut(u64)) -> Result<Weights> {
     let c = m.config().clone();
     let mut raw = Vec::new();
     let mut layers = Vec::with_capacity(c.n_layers);
     for l in 0..c.n_layers {
         let mut experts = Vec::with_capacity(c.n_experts);
-        for e in 0..c.n_experts {
+        for e in (0..c.n_experts).filter(|_| with_experts) {
             m.read_expert(l, e, &mut raw)?;
             let chunk = m.expert_chunk(l, e);
             experts.push(expert_from_chunk(chunk, &raw)?);

@@ -7,7 +7,9 @@
 use super::attention::grow;
 use super::ops::{axpy, dot, gelu_tanh, softmax};
 use super::weights::Weights;
+use crate::error::Result;
 use crate::kernels::Matrix;
+use crate::residency::ExpertStore;
 
 /// Buffers reused between calls.
 #[derive(Default)]
@@ -17,6 +19,9 @@ pub struct MoeScratch {
     chosen: Vec<(usize, f32)>,
     /// Tokens routed to the expert being evaluated, and their gates.
     members: Vec<(usize, f32)>,
+    /// Experts used by the batch, and the guess for the next layer's.
+    needed: Vec<usize>,
+    guess: Vec<usize>,
     xs: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
@@ -56,17 +61,27 @@ pub(crate) fn project(m: &Matrix, xs: &[f32], n: usize, ys: &mut [f32]) {
     }
 }
 
+/// Where a layer's experts come from: the resident weights, or a store that streams them.
+#[derive(Clone, Copy)]
+pub enum Experts<'a> {
+    Resident(&'a Weights),
+    /// Streamed; `next_router` (the next layer's router) lets the store prefetch that layer's
+    /// likely experts while this one computes.
+    Store { store: &'a ExpertStore, next_router: Option<&'a [f32]> },
+}
+
 /// `out[t] = sum over chosen e of gate_e * expert_e(x[t])` for the rows of `xn` (`[T, d]`).
+#[allow(clippy::too_many_arguments)]
 pub fn moe(
-    weights: &Weights,
+    experts: Experts,
+    router: &[f32],
     layer: usize,
     n_experts: usize,
     k: usize,
     xn: &[f32],
     out: &mut [f32],
     s: &mut MoeScratch,
-) {
-    let router = &weights.layers[layer].router;
+) -> Result<()> {
     let d = router.len() / n_experts;
     let t_n = xn.len() / d;
     let probs = grow(&mut s.probs, n_experts);
@@ -76,36 +91,87 @@ pub fn moe(
     for t in 0..t_n {
         route(router, &xn[t * d..][..d], k, probs, &mut s.chosen[t * k..][..k]);
     }
+    s.needed.clear();
+    s.needed.extend((0..n_experts).filter(|&e| s.chosen[..t_n * k].iter().any(|c| c.0 == e)));
 
     out.fill(0.0);
-    for e in 0..n_experts {
-        s.members.clear();
-        for t in 0..t_n {
-            if let Some(&(_, g)) = s.chosen[t * k..][..k].iter().find(|c| c.0 == e) {
-                s.members.push((t, g));
+    match experts {
+        Experts::Resident(w) => {
+            for i in 0..s.needed.len() {
+                let e = s.needed[i];
+                let x = w.expert(layer, e);
+                expert_contribution(e, (&x.gate, &x.up, &x.down), xn, k, out, s);
             }
         }
-        let n = s.members.len();
-        if n == 0 {
-            continue;
+        Experts::Store { store, next_router } => {
+            if let Some(next) = next_router {
+                // Guess the next layer's experts by applying its router to this layer's input:
+                // the residual stream changes little from one layer to the next.
+                let mut guess = vec![(0usize, 0f32); k];
+                s.guess.clear();
+                for t in 0..t_n {
+                    route(next, &xn[t * d..][..d], k, probs, &mut guess);
+                    for &(e, _) in &guess {
+                        if !s.guess.contains(&e) {
+                            s.guess.push(e);
+                        }
+                    }
+                }
+                store.hint_next_layer(layer + 1, &s.guess);
+            }
+            let needed = std::mem::take(&mut s.needed);
+            for item in store.fetch(layer, &needed) {
+                let (e, x) = item?;
+                expert_contribution(e, (&x.gate, &x.up, &x.down), xn, k, out, s);
+            }
+            s.needed = needed;
         }
-        let w = weights.expert(layer, e);
-        let f = w.gate.rows;
+    }
+    Ok(())
+}
+
+/// Add expert `e`'s output, weighted by its gate, to the rows of `out` routed to it.
+fn expert_contribution(
+    e: usize,
+    (w_gate, w_up, w_down): (&Matrix, &Matrix, &Matrix),
+    xn: &[f32],
+    k: usize,
+    out: &mut [f32],
+    s: &mut MoeScratch,
+) {
+    let d = w_gate.cols;
+    let t_n = xn.len() / d;
+    s.members.clear();
+    for t in 0..t_n {
+        if let Some(&(_, g)) = s.chosen[t * k..][..k].iter().find(|c| c.0 == e) {
+            s.members.push((t, g));
+        }
+    }
+    let n = s.members.len();
+    if n == 0 {
+        return;
+    }
+    let f = w_gate.rows;
+    let gate = grow(&mut s.gate, n * f);
+    let up = grow(&mut s.up, n * f);
+    if n == 1 {
+        let t = s.members[0].0;
+        // One pass over the pool for both projections, the input quantized once.
+        Matrix::matvec_pair(w_gate, w_up, &xn[t * d..][..d], gate, up);
+    } else {
         let xs = grow(&mut s.xs, n * d);
         for (i, &(t, _)) in s.members.iter().enumerate() {
             xs[i * d..][..d].copy_from_slice(&xn[t * d..][..d]);
         }
-        let gate = grow(&mut s.gate, n * f);
-        let up = grow(&mut s.up, n * f);
-        project(&w.gate, xs, n, gate);
-        project(&w.up, xs, n, up);
-        for (g, u) in gate.iter_mut().zip(up.iter()) {
-            *g = gelu_tanh(*g) * u;
-        }
-        let ys = grow(&mut s.ys, n * d);
-        project(&w.down, gate, n, ys);
-        for (i, &(t, g)) in s.members.iter().enumerate() {
-            axpy(g, &ys[i * d..][..d], &mut out[t * d..][..d]);
-        }
+        project(w_gate, xs, n, gate);
+        project(w_up, xs, n, up);
+    }
+    for (g, u) in gate.iter_mut().zip(up.iter()) {
+        *g = gelu_tanh(*g) * u;
+    }
+    let ys = grow(&mut s.ys, n * d);
+    project(w_down, gate, n, ys);
+    for (i, &(t, g)) in s.members.iter().enumerate() {
+        axpy(g, &ys[i * d..][..d], &mut out[t * d..][..d]);
     }
 }

@@ -148,7 +148,8 @@ impl Weights {
             vec(Tensor::FfnNorm(l), &w.ffn_norm)?;
             vec(Tensor::Router(l), &w.router)?;
             vec(Tensor::FfnOutNorm(l), &w.ffn_out_norm)?;
-            if w.experts.len() != c.n_experts {
+            // Experts streamed by a `residency::ExpertStore` are not held here.
+            if !w.experts.is_empty() && w.experts.len() != c.n_experts {
                 return Err(Error::Invalid(format!(
                     "layer {l} has {} experts, the config {}",
                     w.experts.len(),

@@ -35,6 +35,8 @@ struct BenchReport {
     read_bandwidth_gb_s: f64,
     roofline_fraction: f64,
     roofline_tok_s: f64,
+    /// Expert residency statistics, when experts are streamed (`--ram-budget`).
+    experts: Option<grok1::residency::StoreStats>,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -91,6 +93,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         read_bandwidth_gb_s: bandwidth / 1e9,
         roofline_fraction: decode_gb_s * 1e9 / bandwidth,
         roofline_tok_s: bandwidth / bytes as f64,
+        experts: model.store().map(|s| s.stats()),
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -106,6 +109,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             r.read_bandwidth_gb_s,
             r.roofline_tok_s
         );
+        if let Some(s) = &r.experts {
+            println!("{}", s.summary());
+        }
     }
     Ok(())
 }

@@ -116,6 +116,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         decode_s,
         if decode_s > 0.0 { decoded as f64 / decode_s } else { 0.0 }
     );
+    if let Some(store) = model.store() {
+        eprintln!("{}", store.stats().summary());
+    }
     Ok(())
 }
 

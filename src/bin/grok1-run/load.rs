@@ -5,10 +5,12 @@ use anyhow::{Context, Result};
 use grok1::format::ConvertedModel;
 use grok1::model::Model;
 use grok1::tokenizer::Tokenizer;
+use grok1::residency::{ExpertStore, StoreOptions};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::Arc;
 
 pub struct Loaded {
-    pub files: ConvertedModel,
+    pub files: Arc<ConvertedModel>,
     pub model: Model,
 }
 
@@ -19,17 +21,35 @@ pub fn set_threads(threads: Option<usize>) {
 
 pub fn load(args: &ModelArgs) -> Result<Loaded> {
     set_threads(args.threads);
-    let files = ConvertedModel::open(&args.model)
-        .with_context(|| format!("opening model {}", args.model.display()))?;
+    let files = Arc::new(
+        ConvertedModel::open(&args.model).with_context(|| format!("opening model {}", args.model.display()))?,
+    );
     let (dense, experts) = files.stored_bytes();
-    let pb = ProgressBar::new(dense + experts);
+    let streamed = args.ram_budget.is_some() || args.no_expert_cache;
+    let pb = ProgressBar::new(dense + if streamed { 0 } else { experts });
     pb.set_style(
         ProgressStyle::with_template("loading [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec}")
             .unwrap(),
     );
-    let weights = grok1::model::load::load_weights(&files, &mut |n| pb.inc(n))?;
-    pb.finish_and_clear();
-    let model = Model::new(files.config().clone(), weights)?;
+    let model = if streamed {
+        let weights = grok1::model::load::load_dense_weights(&files, &mut |n| pb.inc(n))?;
+        pb.finish_and_clear();
+        let opts = StoreOptions {
+            ram_budget: args.ram_budget.unwrap_or(0),
+            no_cache: args.no_expert_cache,
+            read_path: args.read_path,
+            io_threads: args.io_threads.max(1),
+            prefetch: !args.no_prefetch && !args.no_expert_cache,
+            ..StoreOptions::default()
+        };
+        let store = ExpertStore::open(files.clone(), &opts)?;
+        let bytes = grok1::model::load::expert_bytes(&files);
+        Model::with_store(files.config().clone(), weights, store, bytes)?
+    } else {
+        let weights = grok1::model::load::load_weights(&files, &mut |n| pb.inc(n))?;
+        pb.finish_and_clear();
+        Model::new(files.config().clone(), weights)?
+    };
     Ok(Loaded { files, model })
 }
 

@@ -3,6 +3,7 @@
 mod bench;
 mod generate;
 mod load;
+mod plan;
 mod text;
 
 use anyhow::Result;
@@ -25,6 +26,30 @@ pub struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Bound the RAM held by expert weights (e.g. 24GB, 512MiB): the rest are read from the
+    /// model's chunks on demand, the most used kept. Default: every expert in RAM.
+    #[arg(long, value_parser = parse_size)]
+    pub ram_budget: Option<u64>,
+    /// Read every expert from disk when needed, with no cache and no prefetch (a baseline).
+    #[arg(long)]
+    pub no_expert_cache: bool,
+    /// How cold experts are read: direct (O_DIRECT), pread or mmap.
+    #[arg(long, default_value = "direct")]
+    pub read_path: grok1::residency::ReadPath,
+    /// Threads reading experts from disk.
+    #[arg(long, default_value_t = 2)]
+    pub io_threads: usize,
+    /// Do not prefetch the next layer's likely experts.
+    #[arg(long)]
+    pub no_prefetch: bool,
+}
+
+pub fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s)
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    grok1::residency::parse_size(s).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -35,6 +60,8 @@ enum Cmd {
     Logits(generate::LogitsArgs),
     /// Measure prefill and decode speed against this machine's memory bandwidth.
     Bench(bench::BenchArgs),
+    /// Where each part of a model goes on given hardware, and the decode speed to expect.
+    Plan(plan::PlanArgs),
     /// Print the token ids (or pieces) of a text.
     Tokenize(text::TokenizeArgs),
     /// Print the text of a list of token ids.
@@ -46,6 +73,7 @@ fn main() {
         Cmd::Generate(a) => generate::generate(a),
         Cmd::Logits(a) => generate::logits(a),
         Cmd::Bench(a) => bench::bench(a),
+        Cmd::Plan(a) => plan::plan(a),
         Cmd::Tokenize(a) => text::tokenize(a),
         Cmd::Detokenize(a) => text::detokenize(a),
     };
