@@ -8,6 +8,7 @@
 //!   and two experts (gate and up fused, then down); then the 131072 x 2048 output head.
 //! * `matmul`: 128 tokens through an 8192 x 2048 expert matrix.
 //! * `small`: a 512 x 2048 matrix that stays in cache: per-call overhead and compute speed.
+//! * `dispatch`: an empty parallel job on the kernels' pool and on rayon.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use grok1::kernels::{self, Matrix};
@@ -176,6 +177,24 @@ fn small(c: &mut Criterion) {
     kernels::set_threads(0);
 }
 
+/// The cost of handing out work: an empty job of one chunk per thread, on our pool and on rayon.
+fn dispatch(c: &mut Criterion) {
+    use rayon::prelude::*;
+    let mut g = c.benchmark_group("dispatch");
+    let n = kernels::threads();
+    g.bench_function(format!("pool/{n}t"), |b| {
+        b.iter(|| kernels::parallel_for(n, &|i| {
+            std::hint::black_box(i);
+        }))
+    });
+    g.bench_function(format!("rayon/{}t", rayon::current_num_threads()), |b| {
+        b.iter(|| (0..n).into_par_iter().for_each(|i| {
+            std::hint::black_box(i);
+        }))
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -186,6 +205,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = roofline, stream, decode, matmul, small
+    targets = roofline, dispatch, stream, decode, matmul, small
 }
 criterion_main!(benches);

@@ -292,3 +292,50 @@ fn read_bandwidth_is_plausible() {
     // Between 100 MB/s and 10 TB/s: a number, not an artifact of timing nothing.
     assert!(bw > 1e8 && bw < 1e13, "{bw}");
 }
+
+#[test]
+fn parallel_for_runs_every_chunk_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    for chunks in [0, 1, 2, 7, 100] {
+        let hits: Vec<AtomicUsize> = (0..chunks).map(|_| AtomicUsize::new(0)).collect();
+        kernels::parallel_for(chunks, &|c| {
+            hits[c].fetch_add(1, Ordering::SeqCst);
+            // A job that itself asks for the pool gets its chunks run inline.
+            let inner = AtomicUsize::new(0);
+            kernels::parallel_for(3, &|_| {
+                inner.fetch_add(1, Ordering::SeqCst);
+            });
+            assert_eq!(inner.load(Ordering::SeqCst), 3);
+        });
+        assert!(hits.iter().all(|h| h.load(Ordering::SeqCst) == 1), "{chunks} chunks");
+    }
+}
+
+/// Callers on several threads at once (one gets the pool, the others run alone) and any thread
+/// count all give the same bits: every row is computed whole by one thread in a fixed order.
+#[test]
+fn concurrent_callers_and_thread_counts_agree() {
+    let mut rng = Rng(13);
+    let c = case(QuantType::Q8_0, 1000, 1024, &mut rng);
+    let x = rng.vec(1024);
+    let mut want = vec![0f32; 1000];
+    c.m.matvec(&x, &mut want);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..20 {
+                    let mut y = vec![0f32; 1000];
+                    c.m.matvec(&x, &mut y);
+                    assert_eq!(y, want);
+                }
+            });
+        }
+    });
+    for t in [1, 3, 2] {
+        kernels::set_threads(t);
+        let mut y = vec![0f32; 1000];
+        c.m.matvec(&x, &mut y);
+        assert_eq!(y, want, "{t} threads");
+    }
+    kernels::set_threads(0);
+}

@@ -28,7 +28,7 @@ mod matrix;
 
 pub use bandwidth::measure_read_bandwidth;
 pub use matrix::Matrix;
-pub use pool::{set_threads, threads};
+pub use pool::{run as parallel_for, set_threads, threads};
 
 use act::QActs;
 use pack::Tiled;
