@@ -121,90 +121,85 @@ unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize
     }
 }
 
-pub(crate) unsafe fn float_rows(j: &FloatJob, rows: Range<usize>) {
-    let mut r = rows.start;
-    while r < rows.end {
-        let left = rows.end - r;
-        // 16 registers: 4 rows x 1 vector, or 2 rows x 4 vectors, of accumulators.
-        let rr = match (j.n >= 4, left) {
-            (true, 2..) => 2,
-            (false, 4..) => 4,
-            _ => 1,
-        };
+/// Activation vectors sharing one pass over a float tile (4 accumulators each).
+const MAXT_F: usize = 2;
+
+pub(crate) unsafe fn float_tiles(j: &FloatJob, tiles: Range<usize>) {
+    for ti in tiles {
         let mut t0 = 0;
         while t0 < j.n {
-            let tt = if j.n - t0 >= 4 { 4 } else { 1 };
-            macro_rules! go {
-                ($($bf:literal, $r:literal, $t:literal);*) => {
-                    match (j.bf16, rr, tt) {
-                        $(($bf, $r, $t) => frows::<$bf, $r, $t>(j, r, t0),)*
-                        _ => unreachable!(),
-                    }
-                };
+            let m = (j.n - t0).min(MAXT_F);
+            match (j.f.bf16, m) {
+                (true, 1) => ftile::<true, 1>(j, ti, t0),
+                (true, _) => ftile::<true, 2>(j, ti, t0),
+                (false, 1) => ftile::<false, 1>(j, ti, t0),
+                (false, _) => ftile::<false, 2>(j, ti, t0),
             }
-            go!(true, 1, 1; true, 2, 1; true, 4, 1; true, 1, 4; true, 2, 4; true, 4, 4;
-                false, 1, 1; false, 2, 1; false, 4, 1; false, 1, 4; false, 2, 4; false, 4, 4);
-            t0 += tt;
+            t0 += m;
         }
-        r += rr;
     }
 }
 
+/// Weights of rows 8h..8h+8 for columns 2c2 and 2c2+1.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn load_w<const BF: bool>(p: *const u8) -> __m256 {
+unsafe fn fpair<const BF: bool>(base: *const u8, c2: usize, h: usize) -> (__m256, __m256) {
     if BF {
-        let h = _mm_loadu_si128(p as *const __m128i);
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        let v = _mm256_load_si256(base.add(c2 * 64 + 32 * h) as *const __m256i);
+        let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        (_mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)), _mm256_castsi256_ps(_mm256_and_si256(v, high)))
     } else {
-        _mm256_loadu_ps(p as *const f32)
+        let p = base.add(c2 * 128 + 32 * h);
+        (_mm256_load_ps(p as *const f32), _mm256_load_ps(p.add(64) as *const f32))
     }
 }
 
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn frows<const BF: bool, const R: usize, const T: usize>(j: &FloatJob, r0: usize, t0: usize) {
-    let es = if BF { 2 } else { 4 };
-    let stride = j.cols * es;
-    let w0 = j.data.add(r0 * stride);
+/// Tokens t0..t0+T through float tile `ti`; accumulators per token, half tile, column parity.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn ftile<const BF: bool, const T: usize>(j: &FloatJob, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.f.tile_bytes());
     let x0 = j.xs.as_ptr().add(t0 * j.cols);
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let full = j.cols / 8 * 8;
-    let mut c = 0;
-    while c < full {
-        let mut x = [_mm256_setzero_ps(); T];
-        for (k, v) in x.iter_mut().enumerate() {
-            *v = _mm256_loadu_ps(x0.add(k * j.cols + c));
+    let mut acc = [[[_mm256_setzero_ps(); 2]; 2]; T];
+    let step = if BF { 64 } else { 128 };
+    for c2 in 0..j.cols / 2 {
+        let p = base.add(c2 * step);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PF_INT) as *const i8);
+        if !BF {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PF_INT + 64) as *const i8);
         }
-        for (r, a) in acc.iter_mut().enumerate() {
-            let w = load_w::<BF>(w0.add(r * stride + c * es));
+        for h in 0..2 {
+            let (we, wo) = fpair::<BF>(base, c2, h);
             for k in 0..T {
-                a[k] = _mm256_fmadd_ps(w, x[k], a[k]);
+                let x = x0.add(k * j.cols + 2 * c2);
+                acc[k][h][0] = _mm256_fmadd_ps(we, _mm256_set1_ps(*x), acc[k][h][0]);
+                acc[k][h][1] = _mm256_fmadd_ps(wo, _mm256_set1_ps(*x.add(1)), acc[k][h][1]);
             }
         }
-        c += 8;
     }
-    for (r, a) in acc.iter().enumerate() {
-        for k in 0..T {
-            let mut s = hsum(a[k]);
-            for cc in full..j.cols {
-                let p = w0.add(r * stride + cc * es);
-                let w = if BF {
-                    f32::from_bits((p.cast::<u16>().read_unaligned() as u32) << 16)
-                } else {
-                    p.cast::<f32>().read_unaligned()
-                };
-                s += w * *x0.add(k * j.cols + cc);
+    if j.cols % 2 == 1 {
+        let c = j.cols - 1;
+        for h in 0..2 {
+            let w = if BF {
+                let v = _mm256_load_si256(base.add(c / 2 * 64 + 32 * h) as *const __m256i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v))
+            } else {
+                _mm256_load_ps(base.add(c * 64 + 32 * h) as *const f32)
+            };
+            for k in 0..T {
+                acc[k][h][0] = _mm256_fmadd_ps(w, _mm256_set1_ps(*x0.add(k * j.cols + c)), acc[k][h][0]);
             }
-            *j.y.add((t0 + k) * j.ystride + r0 + r) = s;
+        }
+    }
+    let r0 = ti * TILE;
+    for h in 0..2 {
+        let valid = j.rows.saturating_sub(r0 + 8 * h).min(8);
+        if valid == 0 {
+            continue;
+        }
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for k in 0..T {
+            let v = _mm256_add_ps(acc[k][h][0], acc[k][h][1]);
+            _mm256_maskstore_ps(j.y.add((t0 + k) * j.ystride + r0 + 8 * h), mask, v);
         }
     }
 }

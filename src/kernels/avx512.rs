@@ -120,72 +120,70 @@ unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize
     }
 }
 
-pub(crate) unsafe fn float_rows(j: &FloatJob, rows: Range<usize>) {
-    let mut r = rows.start;
-    while r < rows.end {
-        let rr = if rows.end - r >= 4 { 4 } else { 1 };
+pub(crate) unsafe fn float_tiles(j: &FloatJob, tiles: Range<usize>) {
+    for ti in tiles {
         let mut t0 = 0;
         while t0 < j.n {
-            let tt = if j.n - t0 >= 4 { 4 } else { 1 };
-            match (j.bf16, rr, tt) {
-                (true, 4, 4) => frows::<true, 4, 4>(j, r, t0),
-                (true, 4, _) => frows::<true, 4, 1>(j, r, t0),
-                (true, _, 4) => frows::<true, 1, 4>(j, r, t0),
-                (true, _, _) => frows::<true, 1, 1>(j, r, t0),
-                (false, 4, 4) => frows::<false, 4, 4>(j, r, t0),
-                (false, 4, _) => frows::<false, 4, 1>(j, r, t0),
-                (false, _, 4) => frows::<false, 1, 4>(j, r, t0),
-                (false, _, _) => frows::<false, 1, 1>(j, r, t0),
+            let m = (j.n - t0).min(MAXT);
+            macro_rules! go {
+                ($($t:literal)*) => {
+                    match (j.f.bf16, m) {
+                        $((true, $t) => ftile::<true, $t>(j, ti, t0),)*
+                        $((false, $t) => ftile::<false, $t>(j, ti, t0),)*
+                        _ => unreachable!(),
+                    }
+                };
             }
-            t0 += tt;
+            go!(1 2 3 4 5 6 7 8);
+            t0 += m;
         }
-        r += rr;
     }
 }
 
-/// 16 weights as f32; bf16 is the upper half of an f32.
-#[inline]
+/// Tokens t0..t0+T through float tile `ti`. Two accumulators per token, for even and odd
+/// columns, halve the dependency chain of FMAs.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn load_w<const BF: bool>(p: *const u8, mask: __mmask16) -> __m512 {
-    if BF {
-        let h = _mm256_maskz_loadu_epi16(mask, p as *const i16);
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-    } else {
-        _mm512_maskz_loadu_ps(mask, p as *const f32)
-    }
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn frows<const BF: bool, const R: usize, const T: usize>(j: &FloatJob, r0: usize, t0: usize) {
-    let es = if BF { 2 } else { 4 };
-    let stride = j.cols * es;
-    let w0 = j.data.add(r0 * stride);
+unsafe fn ftile<const BF: bool, const T: usize>(j: &FloatJob, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.f.tile_bytes());
     let x0 = j.xs.as_ptr().add(t0 * j.cols);
-    let mut acc = [[_mm512_setzero_ps(); T]; R];
-    let mut c = 0;
-    while c < j.cols {
-        // 32 columns per step where possible (a whole cache line of bf16), then masked tails.
-        let step = if j.cols - c >= 32 { 32 } else { (j.cols - c).min(16) };
-        let mut cc = c;
-        while cc < c + step {
-            let mask = ((1u32 << (c + step - cc).min(16)) - 1) as __mmask16;
-            let mut x = [_mm512_setzero_ps(); T];
-            for (k, v) in x.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(mask, x0.add(k * j.cols + cc));
-            }
-            for (r, a) in acc.iter_mut().enumerate() {
-                let w = load_w::<BF>(w0.add(r * stride + cc * es), mask);
-                for k in 0..T {
-                    a[k] = _mm512_fmadd_ps(w, x[k], a[k]);
-                }
-            }
-            cc += 16;
-        }
-        c += step;
-    }
-    for (r, a) in acc.iter().enumerate() {
+    let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    let mut even = [_mm512_setzero_ps(); T];
+    let mut odd = [_mm512_setzero_ps(); T];
+    // Pairs of columns: one bf16 group, or two f32 groups.
+    let pairs = j.cols / 2;
+    for c2 in 0..pairs {
+        let (we, wo) = if BF {
+            let p = base.add(c2 * 64);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PF_INT) as *const i8);
+            let v = _mm512_load_si512(p as *const _);
+            (_mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)), _mm512_castsi512_ps(_mm512_and_si512(v, high)))
+        } else {
+            let p = base.add(c2 * 128);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PF_INT) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PF_INT + 64) as *const i8);
+            (_mm512_load_ps(p as *const f32), _mm512_load_ps(p.add(64) as *const f32))
+        };
         for k in 0..T {
-            *j.y.add((t0 + k) * j.ystride + r0 + r) = _mm512_reduce_add_ps(a[k]);
+            let x = x0.add(k * j.cols + 2 * c2);
+            even[k] = _mm512_fmadd_ps(we, _mm512_set1_ps(*x), even[k]);
+            odd[k] = _mm512_fmadd_ps(wo, _mm512_set1_ps(*x.add(1)), odd[k]);
         }
+    }
+    if j.cols % 2 == 1 {
+        // The last column: a bf16 group's low half, or a whole f32 group.
+        let c = j.cols - 1;
+        let w = if BF {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_load_si512(base.add(c / 2 * 64) as *const _)))
+        } else {
+            _mm512_load_ps(base.add(c * 64) as *const f32)
+        };
+        for k in 0..T {
+            even[k] = _mm512_fmadd_ps(w, _mm512_set1_ps(*x0.add(k * j.cols + c)), even[k]);
+        }
+    }
+    let r0 = ti * TILE;
+    let mask = ((1u32 << (j.rows - r0).min(TILE)) - 1) as __mmask16;
+    for k in 0..T {
+        _mm512_mask_storeu_ps(j.y.add((t0 + k) * j.ystride + r0), mask, _mm512_add_ps(even[k], odd[k]));
     }
 }

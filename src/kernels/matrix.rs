@@ -1,8 +1,8 @@
 //! `Matrix`: one weight matrix in its runtime layout, and the products the model asks of it.
 
 use super::act::QActs;
-use super::pack::{self, AlignedBuf, Tiled, TILE};
-use super::{float_rows, int_tiles, pool, selected, FloatJob, IntJob, Isa};
+use super::pack::{self, AlignedBuf, FloatTiles, Tiled, TILE};
+use super::{float_tiles, int_tiles, pool, selected, FloatJob, IntJob, Isa};
 use crate::error::{Error, Result};
 use crate::quant::{QuantType, QK};
 use std::cell::RefCell;
@@ -21,8 +21,7 @@ pub struct Matrix {
 }
 
 enum Store {
-    /// Row-major bf16 or f32, as on disk.
-    Float(AlignedBuf),
+    Float(FloatTiles, AlignedBuf),
     Tiled(Tiled, AlignedBuf),
 }
 
@@ -35,7 +34,9 @@ impl Matrix {
     pub fn from_bytes(qtype: QuantType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Matrix> {
         let store = match qtype {
             QuantType::F32 | QuantType::Bf16 => {
-                Store::Float(AlignedBuf::zeroed(qtype.block_bytes() * rows * cols))
+                let f = FloatTiles::new(qtype == QuantType::Bf16, rows, cols);
+                let len = f.tiles * f.tile_bytes();
+                Store::Float(f, AlignedBuf::zeroed(len))
             }
             _ => {
                 let t = Tiled::new(qtype, rows, cols);
@@ -63,7 +64,23 @@ impl Matrix {
             )));
         }
         match &mut self.store {
-            Store::Float(buf) => buf.as_mut_slice().copy_from_slice(bytes),
+            Store::Float(f, buf) => {
+                let f = *f;
+                let tb = f.tile_bytes();
+                let out = SyncPtr(buf.as_mut_slice().as_mut_ptr());
+                let chunks = f.tiles.min(4 * pool::threads());
+                let job = |i: usize| {
+                    let (a, b) = (f.tiles * i / chunks, f.tiles * (i + 1) / chunks);
+                    // Threads write disjoint whole tiles of the buffer.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(a * tb), (b - a) * tb) };
+                    pack::pack_float_tiles(&f, rows, cols, bytes, a, dst);
+                };
+                if bytes.len() < SERIAL_WORK {
+                    (0..chunks).for_each(job)
+                } else {
+                    pool::run(chunks, &job)
+                }
+            }
             Store::Tiled(t, buf) => {
                 let t = *t;
                 let tb = t.tile_bytes();
@@ -97,10 +114,7 @@ impl Matrix {
         assert!(r < self.rows, "row {r} of a matrix with {} rows", self.rows);
         assert_eq!(out.len(), self.cols, "row_f32 output length");
         match &self.store {
-            Store::Float(buf) => {
-                let rb = self.qtype.row_bytes(self.cols).unwrap();
-                self.qtype.dequantize_row(&buf.as_slice()[r * rb..(r + 1) * rb], out);
-            }
+            Store::Float(f, buf) => pack::unpack_float_row(f, buf.as_slice(), r, out),
             Store::Tiled(t, buf) => pack::unpack_row(t, buf.as_slice(), r, self.cols, out),
         }
     }
@@ -165,9 +179,10 @@ impl Matrix {
                 y,
                 ystride: self.rows,
             }),
-            Store::Float(buf) => Part::Float(FloatJob {
-                bf16: self.qtype == QuantType::Bf16,
+            Store::Float(f, buf) => Part::Float(FloatJob {
+                f,
                 data: buf.as_ptr(),
+                rows: self.rows,
                 cols: self.cols,
                 xs,
                 n,
@@ -184,18 +199,18 @@ enum Part<'a> {
 }
 
 impl Part<'_> {
-    /// Work units (tiles or rows) and the weight bytes of each.
+    /// Work units (tiles) and the weight bytes of each.
     fn units(&self) -> (usize, usize) {
         match self {
             Part::Int(j) => (j.t.tiles, j.t.tile_bytes()),
-            Part::Float(j) => (j.ystride, j.cols * if j.bf16 { 2 } else { 4 }),
+            Part::Float(j) => (j.f.tiles, j.f.tile_bytes()),
         }
     }
 
     unsafe fn run(&self, isa: Isa, units: std::ops::Range<usize>) {
         match self {
             Part::Int(j) => int_tiles(isa, j, units),
-            Part::Float(j) => float_rows(isa, j, units),
+            Part::Float(j) => float_tiles(isa, j, units),
         }
     }
 }

@@ -6,6 +6,9 @@
 //!   (`act`), then integer dot products per block, scaled and summed in f32.
 //! * bf16 / f32: f32 products and sums, exact to f32 rounding.
 //!
+//! Both are stored in tiles of 16 rows (`pack`), so that each thread streams one contiguous
+//! run of memory and each output row is one vector lane.
+//!
 //! Each type has a scalar reference (`scalar`) and SIMD paths for x86-64 AVX2 (+FMA, F16C),
 //! AVX-512 with VNNI, and aarch64 NEON, chosen once at run time from the CPU's features; the
 //! environment variable `GROK1_KERNELS=scalar|avx2|avx512|neon` forces one. Work is split across
@@ -31,7 +34,7 @@ pub use matrix::Matrix;
 pub use pool::{run as parallel_for, set_threads, threads};
 
 use act::QActs;
-use pack::Tiled;
+use pack::{FloatTiles, Tiled};
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -170,13 +173,17 @@ pub(crate) struct IntJob<'a> {
     pub ystride: usize,
 }
 
-/// One float matrix product: row-major bf16 or f32 weights times f32 activations.
+/// One float matrix product: tiled bf16 or f32 weights times f32 activations.
 pub(crate) struct FloatJob<'a> {
-    pub bf16: bool,
+    pub f: &'a FloatTiles,
     pub data: *const u8,
+    /// Real rows; tile rows past this are padding and not stored.
+    pub rows: usize,
     pub cols: usize,
+    /// `[n, cols]`
     pub xs: &'a [f32],
     pub n: usize,
+    /// `y[tok * ystride + row]`
     pub y: *mut f32,
     pub ystride: usize,
 }
@@ -198,15 +205,15 @@ pub(crate) unsafe fn int_tiles(isa: Isa, j: &IntJob, tiles: Range<usize>) {
     }
 }
 
-/// Compute output rows `rows` of `j` on `isa`. The caller guarantees `isa.is_available()`.
-pub(crate) unsafe fn float_rows(isa: Isa, j: &FloatJob, rows: Range<usize>) {
+/// Compute output tiles `tiles` of `j` on `isa`. The caller guarantees `isa.is_available()`.
+pub(crate) unsafe fn float_tiles(isa: Isa, j: &FloatJob, tiles: Range<usize>) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::float_rows(j, rows),
+        Isa::Avx512 => avx512::float_tiles(j, tiles),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::float_rows(j, rows),
+        Isa::Avx2 => avx2::float_tiles(j, tiles),
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon => neon::float_rows(j, rows),
-        _ => scalar::float_rows(j, rows),
+        Isa::Neon => neon::float_tiles(j, tiles),
+        _ => scalar::float_tiles(j, tiles),
     }
 }

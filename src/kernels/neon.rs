@@ -144,72 +144,81 @@ unsafe fn tile<const NIB: bool, const DOT: bool>(j: &IntJob, ti: usize, t0: usiz
     }
 }
 
-pub(crate) unsafe fn float_rows(j: &FloatJob, rows: Range<usize>) {
-    let mut r = rows.start;
-    while r < rows.end {
-        let rr = if j.n < 4 && rows.end - r >= 4 { 4 } else { 1 };
+/// Activation vectors sharing one pass over a float tile (8 accumulators each).
+const MAXT_F: usize = 2;
+
+pub(crate) unsafe fn float_tiles(j: &FloatJob, tiles: Range<usize>) {
+    for ti in tiles {
         let mut t0 = 0;
         while t0 < j.n {
-            let tt = if j.n - t0 >= 4 { 4 } else { 1 };
-            match (j.bf16, rr, tt) {
-                (true, 4, _) => frows::<true, 4, 1>(j, r, t0),
-                (true, _, 4) => frows::<true, 1, 4>(j, r, t0),
-                (true, _, _) => frows::<true, 1, 1>(j, r, t0),
-                (false, 4, _) => frows::<false, 4, 1>(j, r, t0),
-                (false, _, 4) => frows::<false, 1, 4>(j, r, t0),
-                (false, _, _) => frows::<false, 1, 1>(j, r, t0),
+            let m = (j.n - t0).min(MAXT_F);
+            match (j.f.bf16, m) {
+                (true, 1) => ftile::<true, 1>(j, ti, t0),
+                (true, _) => ftile::<true, 2>(j, ti, t0),
+                (false, 1) => ftile::<false, 1>(j, ti, t0),
+                (false, _) => ftile::<false, 2>(j, ti, t0),
             }
-            t0 += tt;
+            t0 += m;
         }
-        r += rr;
     }
 }
 
-/// Four weights as f32; bf16 is the upper half of an f32.
+/// Weights of rows 4m..4m+4 for columns 2c2 and 2c2+1.
 #[inline(always)]
-unsafe fn load_w<const BF: bool>(p: *const u8) -> float32x4_t {
+unsafe fn fpair<const BF: bool>(base: *const u8, c2: usize, m: usize) -> (float32x4_t, float32x4_t) {
     if BF {
-        vreinterpretq_f32_u32(vshlq_n_u32::<16>(vmovl_u16(vld1_u16(p as *const u16))))
+        let v = vld1q_u32(base.add(c2 * 64 + 16 * m) as *const u32);
+        let even = vreinterpretq_f32_u32(vshlq_n_u32::<16>(v));
+        let odd = vreinterpretq_f32_u32(vandq_u32(v, vdupq_n_u32(0xffff_0000)));
+        (even, odd)
     } else {
-        vld1q_f32(p as *const f32)
+        let p = base.add(c2 * 128 + 16 * m);
+        (vld1q_f32(p as *const f32), vld1q_f32(p.add(64) as *const f32))
     }
 }
 
+/// Tokens t0..t0+T through float tile `ti`; accumulators per token, row quarter, column parity.
 #[inline(always)]
-unsafe fn frows<const BF: bool, const R: usize, const T: usize>(j: &FloatJob, r0: usize, t0: usize) {
-    let es = if BF { 2 } else { 4 };
-    let stride = j.cols * es;
-    let w0 = j.data.add(r0 * stride);
+unsafe fn ftile<const BF: bool, const T: usize>(j: &FloatJob, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.f.tile_bytes());
     let x0 = j.xs.as_ptr().add(t0 * j.cols);
-    let mut acc = [[vdupq_n_f32(0.0); T]; R];
-    let full = j.cols / 4 * 4;
-    let mut c = 0;
-    while c < full {
-        let mut x = [vdupq_n_f32(0.0); T];
-        for (k, v) in x.iter_mut().enumerate() {
-            *v = vld1q_f32(x0.add(k * j.cols + c));
+    let mut acc = [[[vdupq_n_f32(0.0); 2]; 4]; T];
+    let step = if BF { 64 } else { 128 };
+    for c2 in 0..j.cols / 2 {
+        prefetch(base.add(c2 * step).wrapping_add(PF_INT));
+        if !BF {
+            prefetch(base.add(c2 * step).wrapping_add(PF_INT + 64));
         }
-        for (r, a) in acc.iter_mut().enumerate() {
-            let w = load_w::<BF>(w0.add(r * stride + c * es));
+        for m in 0..4 {
+            let (we, wo) = fpair::<BF>(base, c2, m);
             for k in 0..T {
-                a[k] = vfmaq_f32(a[k], w, x[k]);
+                let x = x0.add(k * j.cols + 2 * c2);
+                acc[k][m][0] = vfmaq_f32(acc[k][m][0], we, vdupq_n_f32(*x));
+                acc[k][m][1] = vfmaq_f32(acc[k][m][1], wo, vdupq_n_f32(*x.add(1)));
             }
         }
-        c += 4;
     }
-    for (r, a) in acc.iter().enumerate() {
-        for k in 0..T {
-            let mut s = vaddvq_f32(a[k]);
-            for cc in full..j.cols {
-                let p = w0.add(r * stride + cc * es);
-                let w = if BF {
-                    f32::from_bits((p.cast::<u16>().read_unaligned() as u32) << 16)
-                } else {
-                    p.cast::<f32>().read_unaligned()
-                };
-                s += w * *x0.add(k * j.cols + cc);
+    if j.cols % 2 == 1 {
+        let c = j.cols - 1;
+        for m in 0..4 {
+            let w = if BF {
+                let v = vld1q_u32(base.add(c / 2 * 64 + 16 * m) as *const u32);
+                vreinterpretq_f32_u32(vshlq_n_u32::<16>(v))
+            } else {
+                vld1q_f32(base.add(c * 64 + 16 * m) as *const f32)
+            };
+            for k in 0..T {
+                acc[k][m][0] = vfmaq_f32(acc[k][m][0], w, vdupq_n_f32(*x0.add(k * j.cols + c)));
             }
-            *j.y.add((t0 + k) * j.ystride + r0 + r) = s;
         }
+    }
+    let r0 = ti * TILE;
+    let valid = (j.rows - r0).min(TILE);
+    for k in 0..T {
+        let mut out = [0f32; TILE];
+        for m in 0..4 {
+            vst1q_f32(out.as_mut_ptr().add(4 * m), vaddq_f32(acc[k][m][0], acc[k][m][1]));
+        }
+        std::ptr::copy_nonoverlapping(out.as_ptr(), j.y.add((t0 + k) * j.ystride + r0), valid);
     }
 }
