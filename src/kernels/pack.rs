@@ -1,6 +1,6 @@
-//! Runtime layouts. Float matrices stay row-major. Blocked integer matrices are repacked into
-//! *tiles* of 16 rows, so that one 512-bit register holds the same four weights of 16 rows and an
-//! integer dot-product instruction leaves one row's partial sum in each 32-bit lane: no horizontal
+//! Runtime layouts. Every matrix is repacked into *tiles* of 16 rows (bf16 / f32: see
+//! `FloatTiles`), so that one 512-bit register holds the same four bytes of weights of 16 rows
+//! and one instruction leaves one row's partial sum in each 32-bit lane: no horizontal
 //! reductions, and a tile's row scales load as one vector.
 //!
 //! A tile is a run of *pairs* of blocks; a pair is `[quants of block 2p][quants of block 2p+1]
@@ -15,7 +15,7 @@
 //!   block (see `act`).
 //! * q4_0 / iq4_nl: byte `k*64 + i*4 + j` (k < 4, j < 4) holds the nibble of weight `4k+j` low and
 //!   of weight `4k+j+16` high, which is ggml's byte `4k+j` of row `i`'s block, moved as a whole.
-//!   Kernels map nibbles to values through a 16-entry table (`nibble_table`).
+//!   Kernels map nibbles to values through a 16-entry table (`Tiled::table`).
 
 use crate::quant::{QuantType, IQ4_NL_GRID, QK};
 use std::alloc::{self, Layout};
