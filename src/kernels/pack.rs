@@ -225,35 +225,42 @@ pub(crate) fn pack_tiles(
     let (qb, pb) = (t.qbytes(), t.pair_bytes());
     for (ti, tile) in out.chunks_exact_mut(tb).enumerate() {
         let ti = first + ti;
-        // Each source row is read in order; the tile being written (tens of KiB) stays in cache.
-        for i in 0..TILE {
-            let r = ti * TILE + i;
-            if r >= rows {
-                pad(t, tile, i, 0);
-                continue;
-            }
-            let src = &bytes[r * rb..(r + 1) * rb];
-            for (b, blk) in src.chunks_exact(bb).enumerate() {
-                let pair = &mut tile[b / 2 * pb..(b / 2 + 1) * pb];
-                let (h, q) = (b % 2, &blk[2..]);
-                let so = 2 * qb + h * TILE * 2 + i * 2;
-                pair[so..so + 2].copy_from_slice(&blk[..2]);
-                let quants = &mut pair[h * qb..(h + 1) * qb];
-                match t.kind {
-                    IntKind::Q8 => {
-                        for (g, w) in q.chunks_exact(4).enumerate() {
-                            let w = u32::from_le_bytes([w[0], w[1], w[2], w[3]]) ^ 0x8080_8080;
-                            quants[g * 64 + i * 4..g * 64 + i * 4 + 4].copy_from_slice(&w.to_le_bytes());
-                        }
+        let real = rows.saturating_sub(ti * TILE).min(TILE);
+        assert!(bytes.len() >= (ti * TILE + real) * rb && tile.len() >= nb.div_ceil(2) * pb);
+        let tile_ptr = tile.as_mut_ptr();
+        // Safety: the reads stay in rows ti*16 .. ti*16+real and the writes in pair b / 2,
+        // which the assert above covers.
+        let copy = |b: usize, i: usize| unsafe {
+            let pair = tile_ptr.add(b / 2 * pb);
+            let h = b % 2;
+            let src = bytes.as_ptr().add((ti * TILE + i) * rb + b * bb);
+            std::ptr::copy_nonoverlapping(src, pair.add(2 * qb + h * TILE * 2 + i * 2), 2);
+            let quants = pair.add(h * qb + i * 4);
+            let q = src.add(2);
+            match t.kind {
+                IntKind::Q8 => {
+                    for g in 0..QK / 4 {
+                        let w = q.add(4 * g).cast::<u32>().read_unaligned() ^ 0x8080_8080;
+                        quants.add(g * 64).cast::<u32>().write_unaligned(w);
                     }
-                    IntKind::Nib => {
-                        for (k, w) in q.chunks_exact(4).enumerate() {
-                            quants[k * 64 + i * 4..k * 64 + i * 4 + 4].copy_from_slice(w);
-                        }
+                }
+                IntKind::Nib => {
+                    for k in 0..QK / 8 {
+                        let w = q.add(4 * k).cast::<u32>().read_unaligned();
+                        quants.add(k * 64).cast::<u32>().write_unaligned(w);
                     }
                 }
             }
-            pad(t, tile, i, nb);
+        };
+        // The faster order, measured: q8_0 fills each 64-byte line of the tile while it is in
+        // L1 (block by block, 16 rows each); the 4-bit types read each source row through.
+        if t.kind == IntKind::Q8 {
+            (0..nb).for_each(|b| (0..real).for_each(|i| copy(b, i)));
+        } else {
+            (0..real).for_each(|i| (0..nb).for_each(|b| copy(b, i)));
+        }
+        for i in 0..TILE {
+            pad(t, tile, i, if i < real { nb } else { 0 });
         }
     }
 }
