@@ -339,3 +339,18 @@ fn concurrent_callers_and_thread_counts_agree() {
     }
     kernels::set_threads(0);
 }
+
+#[test]
+fn empty_shapes() {
+    for qtype in QuantType::ALL {
+        for (rows, cols) in [(0, 64), (5, 0), (0, 0)] {
+            let m = Matrix::from_bytes(qtype, rows, cols, &[]).unwrap();
+            let x = vec![1f32; 3 * cols];
+            for isa in Isa::available() {
+                let mut y = vec![f32::NAN; 3 * rows];
+                m.matmul_on(isa, &x, 3, &mut y);
+                assert!(y.iter().all(|v| *v == 0.0), "{qtype} [{rows}x{cols}] on {}", isa.name());
+            }
+        }
+    }
+}

@@ -202,8 +202,9 @@ impl Part<'_> {
     /// Work units (tiles) and the weight bytes of each.
     fn units(&self) -> (usize, usize) {
         match self {
-            Part::Int(j) => (j.t.tiles, j.t.tile_bytes()),
-            Part::Float(j) => (j.f.tiles, j.f.tile_bytes()),
+            // A matrix without columns still has rows to write (zeros): cost them a byte.
+            Part::Int(j) => (j.t.tiles, j.t.tile_bytes().max(1)),
+            Part::Float(j) => (j.f.tiles, j.f.tile_bytes().max(1)),
         }
     }
 

@@ -223,6 +223,9 @@ pub(crate) fn pack_tiles(
     debug_assert_eq!(out.len() % tb, 0);
     debug_assert_eq!(bytes.len(), rows * rb);
     let (qb, pb) = (t.qbytes(), t.pair_bytes());
+    if tb == 0 {
+        return; // no columns
+    }
     for (ti, tile) in out.chunks_exact_mut(tb).enumerate() {
         let ti = first + ti;
         let real = rows.saturating_sub(ti * TILE).min(TILE);
@@ -334,6 +337,9 @@ impl FloatTiles {
 pub(crate) fn pack_float_tiles(f: &FloatTiles, rows: usize, cols: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
     let es = if f.bf16 { 2 } else { 4 };
     let tb = f.tile_bytes();
+    if tb == 0 {
+        return; // no columns
+    }
     for (ti, tile) in out.chunks_exact_mut(tb).enumerate() {
         for i in 0..TILE {
             let r = (first + ti) * TILE + i;
