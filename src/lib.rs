@@ -21,7 +21,10 @@ pub mod convert;
 pub mod error;
 pub mod format;
 pub mod kernels;
+pub mod model;
+pub mod npy;
 pub mod quant;
+pub mod sampling;
 pub mod synth;
 pub mod tokenizer;
 

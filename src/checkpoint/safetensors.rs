@@ -103,6 +103,17 @@ impl SafetensorsSource {
     }
 }
 
+impl SafetensorsSource {
+    fn row_range(&self, t: Tensor, row0: usize, nrows: usize) -> Option<(&Mmap, usize, usize)> {
+        let e = self.entries.get(&t)?;
+        let cols = *t.shape(&self.config).last().unwrap();
+        let row_bytes = cols * e.dtype.size();
+        let off = e.start + row0 * row_bytes;
+        let len = (nrows * row_bytes).min(e.start + e.len - off.min(e.start + e.len));
+        Some((&self.files[e.file].1, off, len))
+    }
+}
+
 /// The shard files to read: from the index when there is one, else every `*.safetensors`.
 fn shard_files(dir: &Path) -> Result<Vec<String>> {
     let index = dir.join("model.safetensors.index.json");
@@ -184,6 +195,28 @@ impl TensorSource for SafetensorsSource {
             _ => unreachable!("dtype checked at open"),
         }
         Ok(())
+    }
+
+    fn prefetch_rows(&self, t: Tensor, row0: usize, nrows: usize) {
+        if let Some((map, off, len)) = self.row_range(t, row0, nrows) {
+            let _ = map.advise_range(memmap2::Advice::WillNeed, off, len);
+        }
+    }
+
+    fn done_with_rows(&self, t: Tensor, row0: usize, nrows: usize) {
+        if let Some((map, off, len)) = self.row_range(t, row0, nrows) {
+            // Only whole pages inside the range: a neighbour's rows may still be in use.
+            let page = 4096;
+            let start = off.div_ceil(page) * page;
+            let end = (off + len) / page * page;
+            if end > start {
+                // SAFETY: the map is a read-only file mapping; dropped pages are re-read from
+                // the file if touched again, so no data visible to safe code changes.
+                let _ = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+                };
+            }
+        }
     }
 
     fn tokenizer_path(&self) -> Option<PathBuf> {

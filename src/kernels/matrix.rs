@@ -22,6 +22,9 @@ pub struct Matrix {
 
 enum Store {
     Float(FloatTiles, AlignedBuf),
+    /// Row-major blocks as on disk, for types without a tiled kernel (q4_k): each row is
+    /// dequantized and dotted in f32 (the scalar reference path).
+    Blocks(AlignedBuf),
     Tiled(Tiled, AlignedBuf),
 }
 
@@ -37,6 +40,12 @@ impl Matrix {
                 let f = FloatTiles::new(qtype == QuantType::Bf16, rows, cols);
                 let len = f.tiles * f.tile_bytes();
                 Store::Float(f, AlignedBuf::zeroed(len))
+            }
+            QuantType::Q4K => {
+                let rb = qtype.row_bytes(cols).ok_or_else(|| {
+                    Error::Invalid(format!("{cols} columns is not a whole number of {qtype} blocks"))
+                })?;
+                Store::Blocks(AlignedBuf::zeroed(rb * rows))
             }
             _ => {
                 let t = Tiled::new(qtype, rows, cols);
@@ -81,6 +90,7 @@ impl Matrix {
                     pool::run(chunks, &job)
                 }
             }
+            Store::Blocks(buf) => buf.as_mut_slice().copy_from_slice(bytes),
             Store::Tiled(t, buf) => {
                 let t = *t;
                 let tb = t.tile_bytes();
@@ -115,6 +125,10 @@ impl Matrix {
         assert_eq!(out.len(), self.cols, "row_f32 output length");
         match &self.store {
             Store::Float(f, buf) => pack::unpack_float_row(f, buf.as_slice(), r, out),
+            Store::Blocks(buf) => {
+                let rb = self.qtype.row_bytes(self.cols).unwrap();
+                self.qtype.dequantize_row(&buf.as_slice()[r * rb..(r + 1) * rb], out);
+            }
             Store::Tiled(t, buf) => pack::unpack_row(t, buf.as_slice(), r, self.cols, out),
         }
     }
@@ -189,13 +203,49 @@ impl Matrix {
                 y,
                 ystride: self.rows,
             }),
+            Store::Blocks(buf) => Part::Blocks(BlockJob { m: self, data: buf.as_slice(), xs, n, y }),
         }
+    }
+}
+
+/// Rows of a `Store::Blocks` matrix: dequantize each row once, dot it with every input.
+struct BlockJob<'a> {
+    m: &'a Matrix,
+    data: &'a [u8],
+    xs: &'a [f32],
+    n: usize,
+    y: *mut f32,
+}
+
+// Safety: threads write disjoint rows of `y` (see `run_parts`).
+unsafe impl Sync for BlockJob<'_> {}
+
+impl BlockJob<'_> {
+    /// # Safety
+    /// `y` must hold `n * rows` floats, and no other thread may write these rows' outputs.
+    unsafe fn run(&self, rows: std::ops::Range<usize>) {
+        let (cols, nrows) = (self.m.cols, self.m.rows);
+        let rb = self.m.qtype.row_bytes(cols).unwrap();
+        thread_local! { static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) }; }
+        ROW.with(|cell| {
+            let mut w = cell.borrow_mut();
+            w.resize(cols, 0.0);
+            for r in rows {
+                self.m.qtype.dequantize_row(&self.data[r * rb..(r + 1) * rb], &mut w);
+                for t in 0..self.n {
+                    let x = &self.xs[t * cols..(t + 1) * cols];
+                    let d: f32 = w.iter().zip(x).map(|(a, b)| a * b).sum();
+                    *self.y.add(t * nrows + r) = d;
+                }
+            }
+        })
     }
 }
 
 enum Part<'a> {
     Int(IntJob<'a>),
     Float(FloatJob<'a>),
+    Blocks(BlockJob<'a>),
 }
 
 impl Part<'_> {
@@ -205,6 +255,7 @@ impl Part<'_> {
             // A matrix without columns still has rows to write (zeros): cost them a byte.
             Part::Int(j) => (j.t.tiles, j.t.tile_bytes().max(1)),
             Part::Float(j) => (j.f.tiles, j.f.tile_bytes().max(1)),
+            Part::Blocks(j) => (j.m.rows, j.m.qtype.row_bytes(j.m.cols).unwrap().max(1)),
         }
     }
 
@@ -212,6 +263,7 @@ impl Part<'_> {
         match self {
             Part::Int(j) => int_tiles(isa, j, units),
             Part::Float(j) => float_tiles(isa, j, units),
+            Part::Blocks(j) => j.run(units),
         }
     }
 }

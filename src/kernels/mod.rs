@@ -217,3 +217,4 @@ pub(crate) unsafe fn float_tiles(isa: Isa, j: &FloatJob, tiles: Range<usize>) {
         _ => scalar::float_tiles(j, tiles),
     }
 }
+

@@ -154,7 +154,9 @@ impl Tiled {
             QuantType::Q8_0 => (IntKind::Q8, [0; 16]),
             QuantType::Q4_0 => (IntKind::Nib, std::array::from_fn(|n| n as i8 - 8)),
             QuantType::Iq4Nl => (IntKind::Nib, IQ4_NL_GRID),
-            QuantType::F32 | QuantType::Bf16 => unreachable!("float types are not tiled"),
+            QuantType::F32 | QuantType::Bf16 | QuantType::Q4K => {
+                unreachable!("{qtype} is not tiled")
+            }
         };
         Tiled { kind, table, nbp: (cols / QK).div_ceil(2) * 2, tiles: rows.div_ceil(TILE), }
     }

@@ -9,15 +9,46 @@
 //! | q8_0    | 32    | 34          | 8.5         | f16 scale, 32 x i8                        |
 //! | q4_0    | 32    | 18          | 4.5         | f16 scale, 16 bytes of nibbles (q - 8)    |
 //! | iq4_nl  | 32    | 18          | 4.5         | f16 scale, 16 bytes of nibbles -> grid    |
+//! | q4_k    | 256   | 144         | 4.5         | f16 d, f16 dmin, 8 x 6-bit (sc, m), nibbles |
 //!
-//! `q4_0` is here as the yardstick our int4 (`iq4_nl`) is measured against, and so that files
-//! quantized by others can be read.
+//! Our int4 is `q4_k` where a row is a whole number of 256-weight super-blocks and `iq4_nl`
+//! elsewhere (`QuantType::int4_for`); both beat `q4_0` at the same 4.5 bits per weight (see
+//! `formats/blocks.md` for the measurements). `q4_0` is here as the yardstick, and so that files
+//! quantized by others can be read. Every quantizer is deterministic: the same row gives the same
+//! bytes on every CPU.
 
-mod iq4_nl;
-mod q4_0;
-mod q8_0;
+/// Defines `pub fn $name($args)` running `$generic` compiled for AVX2 when the CPU has it (checked
+/// at run time) and for the baseline target otherwise. `$generic` and everything it calls in the
+/// hot loop must be `#[inline(always)]` to be compiled into the AVX2 copy. The copies agree bit
+/// for bit: Rust never contracts a * b + c into an FMA, and the operation order is the source's.
+macro_rules! multiversion {
+    ($name:ident, $generic:ident, $avx2:ident, ($($arg:ident : $ty:ty),*)) => {
+        pub fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2, as just checked.
+                return unsafe { $avx2($($arg),*) };
+            }
+            $generic($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn $avx2($($arg: $ty),*) {
+            $generic($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+pub mod iq4_nl;
+pub mod measure;
+pub mod q4_0;
+pub mod q4_k;
+pub mod q8_0;
 
 pub use iq4_nl::IQ4_NL_GRID;
+pub use q4_k::QK_K;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -34,17 +65,35 @@ pub enum QuantType {
     Q8_0,
     Q4_0,
     Iq4Nl,
+    Q4K,
 }
 
 impl QuantType {
-    pub const ALL: [QuantType; 5] =
-        [QuantType::F32, QuantType::Bf16, QuantType::Q8_0, QuantType::Q4_0, QuantType::Iq4Nl];
+    pub const ALL: [QuantType; 6] = [
+        QuantType::F32,
+        QuantType::Bf16,
+        QuantType::Q8_0,
+        QuantType::Q4_0,
+        QuantType::Iq4Nl,
+        QuantType::Q4K,
+    ];
+
+    /// The int4 type for rows of `cols` weights: q4_k (lowest error at 4.5 bits) when the row is
+    /// a whole number of its 256-weight super-blocks, else iq4_nl (32-weight blocks).
+    pub fn int4_for(cols: usize) -> QuantType {
+        if cols % QK_K == 0 {
+            QuantType::Q4K
+        } else {
+            QuantType::Iq4Nl
+        }
+    }
 
     /// Weights per block.
     pub fn block_len(self) -> usize {
         match self {
             QuantType::F32 | QuantType::Bf16 => 1,
             QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl => QK,
+            QuantType::Q4K => QK_K,
         }
     }
 
@@ -52,8 +101,10 @@ impl QuantType {
         match self {
             QuantType::F32 => 4,
             QuantType::Bf16 => 2,
-            QuantType::Q8_0 => 2 + QK,
-            QuantType::Q4_0 | QuantType::Iq4Nl => 2 + QK / 2,
+            QuantType::Q8_0 => q8_0::BLOCK_BYTES,
+            QuantType::Q4_0 => q4_0::BLOCK_BYTES,
+            QuantType::Iq4Nl => iq4_nl::BLOCK_BYTES,
+            QuantType::Q4K => q4_k::BLOCK_BYTES,
         }
     }
 
@@ -73,10 +124,12 @@ impl QuantType {
             QuantType::Q8_0 => "q8_0",
             QuantType::Q4_0 => "q4_0",
             QuantType::Iq4Nl => "iq4_nl",
+            QuantType::Q4K => "q4_k",
         }
     }
 
-    /// Quantize one row. `out.len()` must be `row_bytes(row.len())`.
+    /// Quantize one row. `out.len()` must be `row_bytes(row.len())`. Rows are expected to be
+    /// finite; a block scale beyond f16's range (weights above ~8e6) saturates at 65504.
     pub fn quantize_row(self, row: &[f32], out: &mut [u8]) {
         debug_assert_eq!(Some(out.len()), self.row_bytes(row.len()));
         match self {
@@ -93,6 +146,7 @@ impl QuantType {
             QuantType::Q8_0 => q8_0::quantize_row(row, out),
             QuantType::Q4_0 => q4_0::quantize_row(row, out),
             QuantType::Iq4Nl => iq4_nl::quantize_row(row, out),
+            QuantType::Q4K => q4_k::quantize_row(row, out),
         }
     }
 
@@ -113,6 +167,7 @@ impl QuantType {
             QuantType::Q8_0 => q8_0::dequantize_row(bytes, out),
             QuantType::Q4_0 => q4_0::dequantize_row(bytes, out),
             QuantType::Iq4Nl => iq4_nl::dequantize_row(bytes, out),
+            QuantType::Q4K => q4_k::dequantize_row(bytes, out),
         }
     }
 }
@@ -133,13 +188,36 @@ impl FromStr for QuantType {
             "q8" | "q8_0" => Ok(QuantType::Q8_0),
             "q4_0" => Ok(QuantType::Q4_0),
             "q4" | "iq4_nl" => Ok(QuantType::Iq4Nl),
-            _ => Err(format!("unknown quantization type `{s}` (expected f32, bf16, q8, q4, q4_0)")),
+            "q4_k" => Ok(QuantType::Q4K),
+            _ => Err(format!(
+                "unknown quantization type `{s}` (expected f32, bf16, q8, q4, q4_0, q4_k)"
+            )),
         }
     }
 }
 
 /// Read the little-endian f16 scale at the start of a block.
-#[inline]
+#[inline(always)]
 pub(crate) fn block_scale(block: &[u8]) -> f32 {
     half::f16::from_le_bytes([block[0], block[1]]).to_f32()
+}
+
+/// A scale as a block stores it: f16, rounded to nearest even like ggml's `GGML_FP32_TO_FP16`,
+/// but saturating at +-65504 where ggml would store an infinity.
+#[inline(always)]
+pub(crate) fn f16_scale(d: f32) -> half::f16 {
+    half::f16::from_f32(d.clamp(-65504.0, 65504.0))
+}
+
+/// Sum of eight lanes in a fixed pairwise order, ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 +
+/// v7)), the order two rounds of AVX `hadd` and a final add produce.
+#[inline(always)]
+pub(crate) fn hsum(v: &[f32; 8]) -> f32 {
+    ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))
+}
+
+/// `d` rounded to the f16 a block will store, as f32.
+#[inline(always)]
+pub(crate) fn f16_round(d: f32) -> f32 {
+    f16_scale(d).to_f32()
 }

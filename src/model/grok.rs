@@ -1,0 +1,221 @@
+//! The Grok-1 forward pass, top to bottom in the order the data flows. All math is f32; weights
+//! are whatever `Matrix` holds. The same code runs a prompt as a batch (`prefill`: matrix-matrix
+//! products, tokens grouped by expert) and one token at a time (`decode`: matrix-vector products,
+//! no allocation once the buffers have grown).
+
+use super::attention::{attend, grow, AttnParams, AttnScratch};
+use super::kv_cache::KvCache;
+use super::moe::{moe, project, MoeScratch};
+use super::ops::{add_rms_norm_rows, rms_norm_rows, rope_in_place, rope_phases};
+use super::weights::Weights;
+use crate::config::GrokConfig;
+use crate::error::{Error, Result};
+use std::sync::Mutex;
+
+pub struct Model {
+    config: GrokConfig,
+    weights: Weights,
+    attn: AttnParams,
+    /// Buffers of the decode loop, kept between tokens.
+    decode_scratch: Mutex<Scratch>,
+}
+
+// One model serves any number of caches, from any thread.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Model>();
+};
+
+/// Activations of one forward call, `[T, width]` each.
+#[derive(Default)]
+struct Scratch {
+    h: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn_out: Vec<f32>,
+    /// A sub-block's output before its norm: attention after `o`, then the MoE.
+    block_out: Vec<f32>,
+    row: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    attn: AttnScratch,
+    moe: MoeScratch,
+}
+
+/// Which rows of logits a forward call produces.
+#[derive(Clone, Copy, PartialEq)]
+enum Emit {
+    AllRows,
+    LastRow,
+}
+
+impl Model {
+    pub fn new(config: GrokConfig, weights: Weights) -> Result<Model> {
+        config.validate().map_err(Error::Invalid)?;
+        weights.check(&config)?;
+        Ok(Model {
+            attn: AttnParams::from_config(&config),
+            config,
+            weights,
+            decode_scratch: Mutex::new(Scratch::default()),
+        })
+    }
+
+    pub fn config(&self) -> &GrokConfig {
+        &self.config
+    }
+
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    /// Run `tokens` as one batch after whatever `cache` already holds; returns the logits of
+    /// every token (`[T, vocab]`, row-major) or of the last one only (`[vocab]`).
+    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Vec<f32>> {
+        let rows = if all_logits { tokens.len() } else { 1 };
+        let mut logits = vec![0f32; rows * self.config.vocab_size];
+        let emit = if all_logits { Emit::AllRows } else { Emit::LastRow };
+        self.forward(tokens, cache, &mut Scratch::default(), emit, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// One token at the next position of `cache`; returns its logits.
+    pub fn decode(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
+        let mut logits = vec![0f32; self.config.vocab_size];
+        self.decode_into(token, cache, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// `decode` into a caller's buffer of `vocab` logits: nothing is allocated per token.
+    pub fn decode_into(&self, token: u32, cache: &mut KvCache, logits: &mut [f32]) -> Result<()> {
+        let mut s = self.decode_scratch.lock().unwrap_or_else(|e| e.into_inner());
+        self.forward(&[token], cache, &mut s, Emit::LastRow, logits)
+    }
+
+    /// Bytes of weights one decoded token reads: the embedding row, every layer's attention,
+    /// router and norms, `k` experts per layer, and the whole tied output head.
+    pub fn decode_weight_bytes(&self) -> usize {
+        let w = &self.weights;
+        let emb = &w.embedding;
+        let mut total = emb.nbytes() / emb.rows + emb.nbytes() + 4 * w.output_norm.len();
+        for (l, lw) in w.layers.iter().enumerate() {
+            let expert = w.expert(l, 0).nbytes();
+            total += lw.dense_nbytes() + self.config.n_experts_per_token * expert;
+        }
+        total
+    }
+
+    fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        s: &mut Scratch,
+        emit: Emit,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let c = &self.config;
+        let w = &self.weights;
+        let (t_n, p0) = (tokens.len(), cache.len());
+        let (d, qd, kvd, hd) = (c.d_model, c.q_dim(), c.kv_dim(), c.head_dim);
+        let eps = c.rms_norm_eps as f32;
+        self.check_call(tokens, cache, emit, logits)?;
+
+        // The new positions' pad flags must be in place before any layer attends to them.
+        cache.append_tokens(tokens);
+
+        // Rotary phases depend only on the absolute position: once per call, for every layer.
+        let (cos, sin) = (grow(&mut s.cos, t_n * hd / 2), grow(&mut s.sin, t_n * hd / 2));
+        for t in 0..t_n {
+            let (cs, sn) = (&mut cos[t * hd / 2..][..hd / 2], &mut sin[t * hd / 2..][..hd / 2]);
+            rope_phases(p0 + t, hd, c.rope_theta, cs, sn);
+        }
+
+        // Embedding, scaled.
+        let h = grow(&mut s.h, t_n * d);
+        for (t, &tok) in tokens.iter().enumerate() {
+            let row = &mut h[t * d..][..d];
+            w.embedding.row_f32(tok as usize, row);
+            for x in row.iter_mut() {
+                *x *= c.embedding_multiplier as f32;
+            }
+        }
+
+        let xn = grow(&mut s.xn, t_n * d);
+        let q = grow(&mut s.q, t_n * qd);
+        let k = grow(&mut s.k, t_n * kvd);
+        let v = grow(&mut s.v, t_n * kvd);
+        let attn_out = grow(&mut s.attn_out, t_n * qd);
+        let block_out = grow(&mut s.block_out, t_n * d);
+        let row = grow(&mut s.row, d);
+
+        for (l, lw) in w.layers.iter().enumerate() {
+            // Attention: h += norm1(attn(norm0(h)))
+            rms_norm_rows(h, &lw.attn_norm, eps, xn);
+            project(&lw.q, xn, t_n, q);
+            project(&lw.k, xn, t_n, k);
+            project(&lw.v, xn, t_n, v);
+            for t in 0..t_n {
+                let (cs, sn) = (&cos[t * hd / 2..][..hd / 2], &sin[t * hd / 2..][..hd / 2]);
+                rope_in_place(&mut q[t * qd..][..qd], hd, cs, sn);
+                rope_in_place(&mut k[t * kvd..][..kvd], hd, cs, sn);
+            }
+            cache.write(l, p0, k, v);
+            let (kc, vc) = cache.layer(l);
+            attend(&self.attn, q, p0, kc, vc, cache.capacity(), cache.key_valid(), attn_out, &mut s.attn);
+            project(&lw.o, attn_out, t_n, block_out);
+            add_rms_norm_rows(h, block_out, &lw.attn_out_norm, eps, row);
+
+            // Mixture of experts: h += norm3(moe(norm2(h)))
+            rms_norm_rows(h, &lw.ffn_norm, eps, xn);
+            moe(w, l, c.n_experts, c.n_experts_per_token, xn, block_out, &mut s.moe);
+            add_rms_norm_rows(h, block_out, &lw.ffn_out_norm, eps, row);
+        }
+
+        // Final norm, then the tied output head.
+        let first = if emit == Emit::AllRows { 0 } else { t_n - 1 };
+        let n_out = t_n - first;
+        rms_norm_rows(&h[first * d..], &w.output_norm, eps, &mut xn[..n_out * d]);
+        project(&w.embedding, &xn[..n_out * d], n_out, logits);
+        for x in logits.iter_mut() {
+            *x *= c.output_multiplier as f32;
+        }
+        Ok(())
+    }
+
+    fn check_call(&self, tokens: &[u32], cache: &KvCache, emit: Emit, logits: &[f32]) -> Result<()> {
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Err(Error::Invalid("forward pass over zero tokens".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {} tokens",
+                c.vocab_size
+            )));
+        }
+        if !cache.fits(c) {
+            return Err(Error::Invalid(
+                "the KV cache was made for a model with other layers or heads".into(),
+            ));
+        }
+        if cache.len() + tokens.len() > cache.capacity() {
+            return Err(Error::Invalid(format!(
+                "KV cache full: {} positions held, {} more asked for, capacity {}",
+                cache.len(),
+                tokens.len(),
+                cache.capacity()
+            )));
+        }
+        let rows = if emit == Emit::AllRows { tokens.len() } else { 1 };
+        if logits.len() != rows * c.vocab_size {
+            return Err(Error::Invalid(format!(
+                "logit buffer holds {} values, {rows} row(s) of {} needed",
+                logits.len(),
+                c.vocab_size
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,109 @@
+//! Keys and values of every position seen so far, per layer, after RoPE (as the release caches
+//! them), in f32. Stored head-major, `[kv_head][position][head_dim]`, so that one attention head
+//! walks one contiguous block of memory.
+
+use crate::config::GrokConfig;
+
+pub struct KvCache {
+    n_kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
+    /// Per layer, `[n_kv_heads, capacity, head_dim]`.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    tokens: Vec<u32>,
+    /// `key_valid[s]`: position `s` may be attended to (its token is not the pad token).
+    key_valid: Vec<bool>,
+    pad_token_id: u32,
+}
+
+impl KvCache {
+    /// Room for `max_tokens` positions. The memory is zeroed lazily by the OS, so an unused
+    /// tail costs address space, not RAM.
+    pub fn new(config: &GrokConfig, max_tokens: usize) -> KvCache {
+        let per_layer = config.n_kv_heads * max_tokens * config.head_dim;
+        KvCache {
+            n_kv_heads: config.n_kv_heads,
+            head_dim: config.head_dim,
+            capacity: max_tokens,
+            k: (0..config.n_layers).map(|_| vec![0f32; per_layer]).collect(),
+            v: (0..config.n_layers).map(|_| vec![0f32; per_layer]).collect(),
+            tokens: Vec::with_capacity(max_tokens),
+            key_valid: Vec::with_capacity(max_tokens),
+            pad_token_id: config.pad_token_id,
+        }
+    }
+
+    /// Positions filled so far; the next token goes to position `len()`.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The tokens at positions `0..len()`.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Forget positions `len..`; a shorter prefix can then be continued differently.
+    pub fn truncate(&mut self, len: usize) {
+        self.tokens.truncate(len);
+        self.key_valid.truncate(len);
+    }
+
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Bytes held for keys and values.
+    pub fn nbytes(&self) -> usize {
+        2 * self.k.len() * self.n_kv_heads * self.capacity * self.head_dim * 4
+    }
+
+    /// Claim the next positions for `tokens`; their keys and values are written per layer next.
+    pub(crate) fn append_tokens(&mut self, tokens: &[u32]) {
+        debug_assert!(self.len() + tokens.len() <= self.capacity);
+        self.tokens.extend_from_slice(tokens);
+        let pad = self.pad_token_id;
+        self.key_valid.extend(tokens.iter().map(|&t| t != pad));
+    }
+
+    /// Whether this cache was made for a model of `config`'s shape.
+    pub(crate) fn fits(&self, config: &GrokConfig) -> bool {
+        self.k.len() == config.n_layers
+            && self.n_kv_heads == config.n_kv_heads
+            && self.head_dim == config.head_dim
+    }
+
+    pub(crate) fn key_valid(&self) -> &[bool] {
+        &self.key_valid
+    }
+
+    /// Store `k`, `v` (`[n, kv_heads * head_dim]`, token-major) at positions `pos0..pos0 + n`.
+    pub(crate) fn write(&mut self, layer: usize, pos0: usize, k: &[f32], v: &[f32]) {
+        let (hd, cap) = (self.head_dim, self.capacity);
+        let kv_dim = self.n_kv_heads * hd;
+        let n = k.len() / kv_dim;
+        debug_assert!(pos0 + n <= cap);
+        for (src, dst) in [(k, &mut self.k[layer]), (v, &mut self.v[layer])] {
+            for t in 0..n {
+                for g in 0..self.n_kv_heads {
+                    let from = &src[t * kv_dim + g * hd..][..hd];
+                    dst[(g * cap + pos0 + t) * hd..][..hd].copy_from_slice(from);
+                }
+            }
+        }
+    }
+
+    /// Keys and values of `layer`, `[kv_heads, capacity, head_dim]`.
+    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        (&self.k[layer], &self.v[layer])
+    }
+}

@@ -1,0 +1,99 @@
+//! Filling `Weights` from a converted model directory, and finding its tokenizer.
+
+use super::weights::{ExpertWeights, LayerWeights, Weights};
+use crate::checkpoint::Tensor;
+use crate::error::{Error, IoContext, Result};
+use crate::format::manifest::{ExpertChunk, ProjName};
+use crate::format::ConvertedModel;
+use crate::kernels::Matrix;
+use crate::quant::QuantType;
+use crate::tokenizer::Tokenizer;
+
+fn dense_matrix(m: &ConvertedModel, t: Tensor) -> Result<Matrix> {
+    let v = m.dense(&t.to_string())?;
+    if v.shape.len() != 2 {
+        return Err(Error::bad_tensor(t.to_string(), format!("expected a matrix, found shape {:?}", v.shape)));
+    }
+    Matrix::from_bytes(v.qtype, v.shape[0], v.shape[1], v.bytes)
+        .map_err(|e| Error::bad_tensor(t.to_string(), e.to_string()))
+}
+
+fn dense_f32(m: &ConvertedModel, t: Tensor) -> Result<Vec<f32>> {
+    let v = m.dense(&t.to_string())?;
+    if v.qtype != QuantType::F32 {
+        return Err(Error::bad_tensor(t.to_string(), format!("stored as {}, expected f32", v.qtype)));
+    }
+    let mut out = vec![0f32; v.bytes.len() / 4];
+    QuantType::F32.dequantize_row(v.bytes, &mut out);
+    Ok(out)
+}
+
+/// Build one expert's matrices from its raw chunk bytes.
+pub fn expert_from_chunk(chunk: &ExpertChunk, raw: &[u8]) -> Result<ExpertWeights> {
+    let get = |p: ProjName| -> Result<Matrix> {
+        let what = || format!("blk.{}.expert.{}.{}", chunk.layer, chunk.expert, p.as_str());
+        let t = chunk
+            .tensors
+            .iter()
+            .find(|t| t.proj == p)
+            .ok_or_else(|| Error::bad_tensor(what(), "missing from its chunk"))?;
+        if t.shape.len() != 2 {
+            return Err(Error::bad_tensor(what(), format!("expected a matrix, found shape {:?}", t.shape)));
+        }
+        let bytes = &raw[t.offset as usize..(t.offset + t.bytes) as usize];
+        Matrix::from_bytes(t.qtype, t.shape[0], t.shape[1], bytes).map_err(|e| Error::bad_tensor(what(), e.to_string()))
+    };
+    Ok(ExpertWeights { gate: get(ProjName::Gate)?, up: get(ProjName::Up)?, down: get(ProjName::Down)? })
+}
+
+/// Load every weight into memory. `progress` receives stored bytes as they are loaded.
+pub fn load_weights(m: &ConvertedModel, progress: &mut dyn FnMut(u64)) -> Result<Weights> {
+    let c = m.config().clone();
+    let mut raw = Vec::new();
+    let mut layers = Vec::with_capacity(c.n_layers);
+    for l in 0..c.n_layers {
+        let mut experts = Vec::with_capacity(c.n_experts);
+        for e in 0..c.n_experts {
+            m.read_expert(l, e, &mut raw)?;
+            let chunk = m.expert_chunk(l, e);
+            experts.push(expert_from_chunk(chunk, &raw)?);
+            progress(chunk.bytes);
+        }
+        let lw = LayerWeights {
+            attn_norm: dense_f32(m, Tensor::AttnNorm(l))?,
+            q: dense_matrix(m, Tensor::AttnQ(l))?,
+            k: dense_matrix(m, Tensor::AttnK(l))?,
+            v: dense_matrix(m, Tensor::AttnV(l))?,
+            o: dense_matrix(m, Tensor::AttnO(l))?,
+            attn_out_norm: dense_f32(m, Tensor::AttnOutNorm(l))?,
+            ffn_norm: dense_f32(m, Tensor::FfnNorm(l))?,
+            router: dense_f32(m, Tensor::Router(l))?,
+            ffn_out_norm: dense_f32(m, Tensor::FfnOutNorm(l))?,
+            experts,
+        };
+        progress(lw.dense_nbytes() as u64);
+        layers.push(lw);
+    }
+    let w = Weights {
+        embedding: dense_matrix(m, Tensor::Embedding)?,
+        output_norm: dense_f32(m, Tensor::OutputNorm)?,
+        layers,
+    };
+    progress(w.embedding.nbytes() as u64);
+    w.check(&c)?;
+    Ok(w)
+}
+
+/// The model's `tokenizer.model`, refused if its sha256 differs from the manifest's.
+pub fn load_tokenizer(m: &ConvertedModel) -> Result<Tokenizer> {
+    let entry = m.manifest.tokenizer.as_ref().ok_or_else(|| {
+        Error::bad_file(m.dir.join(crate::format::MANIFEST_FILE), "this model has no tokenizer.model; use --tokens")
+    })?;
+    let path = m.dir.join(&entry.file);
+    let bytes = std::fs::read(&path).at(&path)?;
+    let sha = crate::format::writer::sha256_hex(&bytes);
+    if sha != entry.sha256 {
+        return Err(Error::bad_file(&path, format!("sha256 {sha} does not match the manifest's {}", entry.sha256)));
+    }
+    Tokenizer::from_bytes(&bytes).map_err(|e| Error::bad_file(&path, e.to_string()))
+}

@@ -1,0 +1,14 @@
+//! The Grok-1 forward pass (see `grok.rs`, readable top to bottom), its weights, KV cache, and
+//! the pieces it is made of.
+
+pub mod attention;
+mod grok;
+pub mod kv_cache;
+pub mod load;
+pub mod moe;
+pub mod ops;
+pub mod weights;
+
+pub use grok::Model;
+pub use kv_cache::KvCache;
+pub use weights::{ExpertWeights, LayerWeights, Weights};

@@ -1,0 +1,198 @@
+//! The weights the forward pass reads. Matrices are `kernels::Matrix` in canonical `[out, in]`
+//! orientation; norm scales and the router stay f32 (routing flips on tiny differences).
+//!
+//! The struct is plain on purpose: a loader only has to fill it from `(qtype, rows, cols, bytes)`
+//! per tensor. The forward pass reaches experts only through `Weights::expert`, the seam where
+//! experts streamed from disk will come in.
+
+use crate::checkpoint::{Proj, Tensor, TensorSource};
+use crate::config::GrokConfig;
+use crate::error::{Error, Result};
+use crate::kernels::Matrix;
+use crate::quant::QuantType;
+use rayon::prelude::*;
+
+/// One expert's GeGLU: `down( gelu(gate x) * (up x) )`.
+pub struct ExpertWeights {
+    /// `linear` in the release, `[ffn, d_model]`; gets the GELU.
+    pub gate: Matrix,
+    /// `linear_v`, `[ffn, d_model]`.
+    pub up: Matrix,
+    /// `linear_1`, `[d_model, ffn]`.
+    pub down: Matrix,
+}
+
+impl ExpertWeights {
+    pub fn nbytes(&self) -> usize {
+        self.gate.nbytes() + self.up.nbytes() + self.down.nbytes()
+    }
+}
+
+pub struct LayerWeights {
+    /// Pre-attention norm (`rms_norm`).
+    pub attn_norm: Vec<f32>,
+    /// `[q_heads * head_dim, d_model]`, output feature `j` is head `j / head_dim`.
+    pub q: Matrix,
+    /// `[kv_heads * head_dim, d_model]`
+    pub k: Matrix,
+    pub v: Matrix,
+    /// `[d_model, q_heads * head_dim]`
+    pub o: Matrix,
+    /// Post-attention norm (`rms_norm_1`), applied to the attention output before the residual.
+    pub attn_out_norm: Vec<f32>,
+    /// Pre-MoE norm (`rms_norm_2`).
+    pub ffn_norm: Vec<f32>,
+    /// `[n_experts, d_model]`, row-major f32.
+    pub router: Vec<f32>,
+    /// Post-MoE norm (`rms_norm_3`).
+    pub ffn_out_norm: Vec<f32>,
+    pub experts: Vec<ExpertWeights>,
+}
+
+impl LayerWeights {
+    /// Bytes of the weights every token reads in this layer (everything but the experts).
+    pub fn dense_nbytes(&self) -> usize {
+        let vecs = self.attn_norm.len() + self.attn_out_norm.len() + self.ffn_norm.len()
+            + self.router.len() + self.ffn_out_norm.len();
+        self.q.nbytes() + self.k.nbytes() + self.v.nbytes() + self.o.nbytes() + 4 * vecs
+    }
+}
+
+pub struct Weights {
+    /// `[vocab, d_model]`: the input embedding and, tied, the output head.
+    pub embedding: Matrix,
+    pub output_norm: Vec<f32>,
+    pub layers: Vec<LayerWeights>,
+}
+
+impl Weights {
+    /// The expert `e` of `layer`. The forward pass takes experts from here and nowhere else.
+    pub fn expert(&self, layer: usize, e: usize) -> &ExpertWeights {
+        &self.layers[layer].experts[e]
+    }
+
+    /// Read every tensor of `src`, quantizing the dense matrices (attention and the embedding)
+    /// to `dense` and the expert matrices to `experts`.
+    pub fn from_source(src: &dyn TensorSource, dense: QuantType, experts: QuantType) -> Result<Weights> {
+        let c = src.config().clone();
+        let matrix = |t: Tensor| load_matrix(src, t, if t.is_expert() { experts } else { dense });
+        let vector = |t: Tensor| load_f32(src, t);
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let experts = (0..c.n_experts)
+                .map(|expert| {
+                    let p = |proj| matrix(Tensor::Expert { layer: l, expert, proj });
+                    Ok(ExpertWeights { gate: p(Proj::Gate)?, up: p(Proj::Up)?, down: p(Proj::Down)? })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            layers.push(LayerWeights {
+                attn_norm: vector(Tensor::AttnNorm(l))?,
+                q: matrix(Tensor::AttnQ(l))?,
+                k: matrix(Tensor::AttnK(l))?,
+                v: matrix(Tensor::AttnV(l))?,
+                o: matrix(Tensor::AttnO(l))?,
+                attn_out_norm: vector(Tensor::AttnOutNorm(l))?,
+                ffn_norm: vector(Tensor::FfnNorm(l))?,
+                router: vector(Tensor::Router(l))?,
+                ffn_out_norm: vector(Tensor::FfnOutNorm(l))?,
+                experts,
+            });
+        }
+        let w = Weights {
+            embedding: matrix(Tensor::Embedding)?,
+            output_norm: vector(Tensor::OutputNorm)?,
+            layers,
+        };
+        w.check(&c)?;
+        Ok(w)
+    }
+
+    /// Every shape against the config, naming the first tensor that does not fit.
+    pub fn check(&self, c: &GrokConfig) -> Result<()> {
+        let mat = |t: Tensor, m: &Matrix| {
+            let want = t.shape(c);
+            if [m.rows, m.cols] != want[..] {
+                return Err(Error::bad_tensor(
+                    t.to_string(),
+                    format!("matrix is [{}, {}], the config needs {want:?}", m.rows, m.cols),
+                ));
+            }
+            Ok(())
+        };
+        let vec = |t: Tensor, v: &[f32]| {
+            let want: usize = t.shape(c).iter().product();
+            if v.len() != want {
+                return Err(Error::bad_tensor(
+                    t.to_string(),
+                    format!("has {} values, the config needs {want}", v.len()),
+                ));
+            }
+            Ok(())
+        };
+        mat(Tensor::Embedding, &self.embedding)?;
+        vec(Tensor::OutputNorm, &self.output_norm)?;
+        if self.layers.len() != c.n_layers {
+            return Err(Error::Invalid(format!(
+                "weights have {} layers, the config {}",
+                self.layers.len(),
+                c.n_layers
+            )));
+        }
+        for (l, w) in self.layers.iter().enumerate() {
+            vec(Tensor::AttnNorm(l), &w.attn_norm)?;
+            mat(Tensor::AttnQ(l), &w.q)?;
+            mat(Tensor::AttnK(l), &w.k)?;
+            mat(Tensor::AttnV(l), &w.v)?;
+            mat(Tensor::AttnO(l), &w.o)?;
+            vec(Tensor::AttnOutNorm(l), &w.attn_out_norm)?;
+            vec(Tensor::FfnNorm(l), &w.ffn_norm)?;
+            vec(Tensor::Router(l), &w.router)?;
+            vec(Tensor::FfnOutNorm(l), &w.ffn_out_norm)?;
+            if w.experts.len() != c.n_experts {
+                return Err(Error::Invalid(format!(
+                    "layer {l} has {} experts, the config {}",
+                    w.experts.len(),
+                    c.n_experts
+                )));
+            }
+            for (expert, e) in w.experts.iter().enumerate() {
+                let t = |proj| Tensor::Expert { layer: l, expert, proj };
+                mat(t(Proj::Gate), &e.gate)?;
+                mat(t(Proj::Up), &e.up)?;
+                mat(t(Proj::Down), &e.down)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn load_f32(src: &dyn TensorSource, t: Tensor) -> Result<Vec<f32>> {
+    let n: usize = t.shape(src.config()).iter().product();
+    let mut v = vec![0f32; n];
+    src.read_rows(t, 0, &mut v)?;
+    Ok(v)
+}
+
+fn load_matrix(src: &dyn TensorSource, t: Tensor, qtype: QuantType) -> Result<Matrix> {
+    let shape = t.shape(src.config());
+    let (rows, cols) = (shape[0], shape[1]);
+    let rb = qtype.row_bytes(cols).ok_or_else(|| {
+        Error::bad_tensor(
+            t.to_string(),
+            format!("{cols} columns is not a whole number of {qtype} blocks of {}", qtype.block_len()),
+        )
+    })?;
+    const BAND: usize = 64;
+    let mut bytes = vec![0u8; rows * rb];
+    bytes.par_chunks_mut(BAND * rb).enumerate().try_for_each(|(b, out)| {
+        let n = out.len() / rb;
+        let mut f = vec![0f32; n * cols];
+        src.read_rows(t, b * BAND, &mut f)?;
+        for (row, o) in f.chunks_exact(cols).zip(out.chunks_exact_mut(rb)) {
+            qtype.quantize_row(row, o);
+        }
+        Ok::<_, Error>(())
+    })?;
+    Matrix::from_bytes(qtype, rows, cols, &bytes)
+        .map_err(|e| Error::bad_tensor(t.to_string(), e.to_string()))
+}

@@ -1,1 +1,0 @@
-//! Synthetic Grok-architecture checkpoints (in progress).
