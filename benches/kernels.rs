@@ -37,6 +37,12 @@ fn random_matrix(qtype: QuantType, rows: usize, cols: usize, seed: u64) -> Matri
                 block[..2].copy_from_slice(&scale);
             }
         }
+        QuantType::Q4K => {
+            for block in bytes.chunks_mut(qtype.block_bytes()) {
+                block[..2].copy_from_slice(&scale); // d
+                block[2..4].copy_from_slice(&scale); // dmin
+            }
+        }
         QuantType::Bf16 => {
             for w in bytes.chunks_mut(2) {
                 w[1] = 0x3c | (w[1] & 0x80); // magnitude about 2^-7
@@ -64,7 +70,7 @@ fn roofline(_c: &mut Criterion) {
 
 fn stream(c: &mut Criterion) {
     let (rows, cols) = (8192, 16384);
-    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Bf16] {
+    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4K, QuantType::Bf16] {
         let m = random_matrix(qtype, rows, cols, 1);
         let x = input(cols);
         let mut y = vec![0f32; rows];
@@ -89,7 +95,7 @@ struct Layer {
 
 fn decode(c: &mut Criterion) {
     let (d, ffn, kv) = (2048, 8192, 512);
-    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl] {
+    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4K] {
         let mut seed = 100;
         let mut next = |rows, cols| {
             seed += 1;
@@ -145,7 +151,7 @@ fn decode(c: &mut Criterion) {
 
 fn matmul(c: &mut Criterion) {
     let (rows, cols, n) = (8192, 2048, 128);
-    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Bf16] {
+    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4K, QuantType::Bf16] {
         let m = random_matrix(qtype, rows, cols, 7);
         let xs = input(n * cols);
         let mut ys = vec![0f32; n * rows];

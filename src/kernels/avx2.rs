@@ -8,6 +8,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::pack::{IntKind, TILE};
+use super::k4::{self, K4Job};
 use super::{FloatJob, IntJob};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -82,12 +83,13 @@ unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize
     for p in 0..t.nbp / 2 {
         let pair = base.add(p * pb);
         let ahead = pair.wrapping_add(PF_INT);
-        let mut l = 0;
-        while l < pb {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
-            l += 64;
-        }
         for h in 0..2 {
+            // Half the pair's lines per block: a burst of all of them would overflow the miss
+            // queue and have prefetches dropped (measured: q4_k streamed at half speed so).
+            let lines = pb / 64;
+            for l in h * lines.div_ceil(2)..((h + 1) * lines.div_ceil(2)).min(lines) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
+            }
             let b = 2 * p + h;
             for half in 0..2 {
                 let w = decode::<NIB>(pair.add(h * qb + 32 * half), stab);
@@ -200,6 +202,84 @@ unsafe fn ftile<const BF: bool, const T: usize>(j: &FloatJob, ti: usize, t0: usi
         for k in 0..T {
             let v = _mm256_add_ps(acc[k][h][0], acc[k][h][1]);
             _mm256_maskstore_ps(j.y.add((t0 + k) * j.ystride + r0 + 8 * h), mask, v);
+        }
+    }
+}
+
+pub(crate) unsafe fn k4_tiles(j: &K4Job, tiles: Range<usize>) {
+    for ti in tiles {
+        let mut t0 = 0;
+        while t0 < j.acts.n {
+            let m = (j.acts.n - t0).min(MAXT);
+            match m {
+                1 => k4_tile::<1>(j, ti, t0),
+                2 => k4_tile::<2>(j, ti, t0),
+                3 => k4_tile::<3>(j, ti, t0),
+                _ => k4_tile::<4>(j, ti, t0),
+            }
+            t0 += m;
+        }
+    }
+}
+
+/// 8 bytes as 8 f32.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn bytes_f32(p: *const u8) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+}
+
+/// Tokens t0..t0+T through q4_k tile `ti` (see `k4`), 8 rows at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.k.tile_bytes());
+    let stab = _mm256_broadcastsi128_si256(_mm_loadu_si128(k4::TABLE.as_ptr() as *const __m128i));
+    let ones = _mm256_set1_epi16(1);
+    let acts = j.acts;
+    let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
+    let xd: [*const f32; T] = std::array::from_fn(|k| acts.d_ptr(t0 + k));
+    let xs: [*const f32; T] = std::array::from_fn(|k| acts.s_ptr(t0 + k));
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    for s in 0..j.k.nsb {
+        let sb = base.add(s * k4::SB_BYTES);
+        let ahead = sb.wrapping_add(k4::PF);
+        for half in 0..2 {
+            for l in 19 * half..(19 * (half + 1)).min(k4::SB_BYTES / 64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
+            }
+            let dv = _mm256_cvtph_ps(_mm_load_si128(sb.add(k4::D_OFF + 16 * half) as *const __m128i));
+            let mv = _mm256_cvtph_ps(_mm_load_si128(sb.add(k4::DMIN_OFF + 16 * half) as *const __m128i));
+            for sub in 0..k4::SUB {
+                let b = s * k4::SUB + sub;
+                let w = decode::<true>(sb.add(sub * 256 + 32 * half), stab);
+                let dsc = _mm256_mul_ps(dv, bytes_f32(sb.add(k4::SC_OFF + sub * TILE + 8 * half)));
+                let mn = _mm256_mul_ps(mv, bytes_f32(sb.add(k4::M_OFF + sub * TILE + 8 * half)));
+                let off = _mm256_sub_ps(mn, _mm256_mul_ps(_mm256_set1_ps(8.0), dsc));
+                for k in 0..T {
+                    let x = xq[k].add(b * 8);
+                    let mut s0 = _mm256_setzero_si256();
+                    let mut s1 = _mm256_setzero_si256();
+                    for g in (0..8).step_by(2) {
+                        s0 = _mm256_add_epi32(s0, dot4(w[g], _mm256_set1_epi32(*x.add(g)), ones));
+                        s1 = _mm256_add_epi32(s1, dot4(w[g + 1], _mm256_set1_epi32(*x.add(g + 1)), ones));
+                    }
+                    let scale = _mm256_mul_ps(dsc, _mm256_set1_ps(*xd[k].add(b)));
+                    let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+                    acc[k][half] = _mm256_fmadd_ps(isum, scale, acc[k][half]);
+                    acc[k][half] = _mm256_fnmadd_ps(off, _mm256_set1_ps(*xs[k].add(b)), acc[k][half]);
+                }
+            }
+        }
+    }
+    let r0 = ti * TILE;
+    for half in 0..2 {
+        let valid = j.rows.saturating_sub(r0 + 8 * half).min(8);
+        if valid == 0 {
+            continue;
+        }
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (k, a) in acc.iter().enumerate() {
+            _mm256_maskstore_ps(j.y.add((t0 + k) * j.ystride + r0 + 8 * half), mask, a[half]);
         }
     }
 }

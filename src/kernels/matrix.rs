@@ -2,7 +2,8 @@
 
 use super::act::QActs;
 use super::pack::{self, AlignedBuf, FloatTiles, Tiled, TILE};
-use super::{float_tiles, int_tiles, pool, selected, FloatJob, IntJob, Isa};
+use super::k4::{self, K4Job, K4Tiles};
+use super::{float_tiles, int_tiles, k4_tiles, pool, selected, FloatJob, IntJob, Isa};
 use crate::error::{Error, Result};
 use crate::quant::{QuantType, QK};
 use std::cell::RefCell;
@@ -22,9 +23,7 @@ pub struct Matrix {
 
 enum Store {
     Float(FloatTiles, AlignedBuf),
-    /// Row-major blocks as on disk, for types without a tiled kernel (q4_k): each row is
-    /// dequantized and dotted in f32 (the scalar reference path).
-    Blocks(AlignedBuf),
+    K4(K4Tiles, AlignedBuf),
     Tiled(Tiled, AlignedBuf),
 }
 
@@ -42,10 +41,9 @@ impl Matrix {
                 Store::Float(f, AlignedBuf::zeroed(len))
             }
             QuantType::Q4K => {
-                let rb = qtype.row_bytes(cols).ok_or_else(|| {
-                    Error::Invalid(format!("{cols} columns is not a whole number of {qtype} blocks"))
-                })?;
-                Store::Blocks(AlignedBuf::zeroed(rb * rows))
+                let k = K4Tiles::new(rows, cols);
+                let len = k.tiles * k.tile_bytes();
+                Store::K4(k, AlignedBuf::zeroed(len))
             }
             _ => {
                 let t = Tiled::new(qtype, rows, cols);
@@ -90,7 +88,23 @@ impl Matrix {
                     pool::run(chunks, &job)
                 }
             }
-            Store::Blocks(buf) => buf.as_mut_slice().copy_from_slice(bytes),
+            Store::K4(k, buf) => {
+                let k = *k;
+                let tb = k.tile_bytes();
+                let out = SyncPtr(buf.as_mut_slice().as_mut_ptr());
+                let chunks = k.tiles.min(4 * pool::threads());
+                let job = |i: usize| {
+                    let (a, b) = (k.tiles * i / chunks, k.tiles * (i + 1) / chunks);
+                    // Threads write disjoint whole tiles of the buffer.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(a * tb), (b - a) * tb) };
+                    k4::pack(&k, rows, bytes, a, dst);
+                };
+                if bytes.len() < SERIAL_WORK {
+                    (0..chunks).for_each(job)
+                } else {
+                    pool::run(chunks, &job)
+                }
+            }
             Store::Tiled(t, buf) => {
                 let t = *t;
                 let tb = t.tile_bytes();
@@ -125,10 +139,7 @@ impl Matrix {
         assert_eq!(out.len(), self.cols, "row_f32 output length");
         match &self.store {
             Store::Float(f, buf) => pack::unpack_float_row(f, buf.as_slice(), r, out),
-            Store::Blocks(buf) => {
-                let rb = self.qtype.row_bytes(self.cols).unwrap();
-                self.qtype.dequantize_row(&buf.as_slice()[r * rb..(r + 1) * rb], out);
-            }
+            Store::K4(k, buf) => k4::unpack_row(k, buf.as_slice(), r, out),
             Store::Tiled(t, buf) => pack::unpack_row(t, buf.as_slice(), r, self.cols, out),
         }
     }
@@ -169,7 +180,7 @@ impl Matrix {
         if n == 0 {
             return;
         }
-        let needs_acts = outs.iter().any(|(m, _)| matches!(m.store, Store::Tiled(..)));
+        let needs_acts = outs.iter().any(|(m, _)| matches!(m.store, Store::Tiled(..) | Store::K4(..)));
         ACTS.with(|cell| {
             let mut acts = cell.borrow_mut();
             if needs_acts {
@@ -203,49 +214,22 @@ impl Matrix {
                 y,
                 ystride: self.rows,
             }),
-            Store::Blocks(buf) => Part::Blocks(BlockJob { m: self, data: buf.as_slice(), xs, n, y }),
+            Store::K4(k, buf) => Part::K4(K4Job {
+                k,
+                data: buf.as_ptr(),
+                rows: self.rows,
+                acts,
+                y,
+                ystride: self.rows,
+            }),
         }
-    }
-}
-
-/// Rows of a `Store::Blocks` matrix: dequantize each row once, dot it with every input.
-struct BlockJob<'a> {
-    m: &'a Matrix,
-    data: &'a [u8],
-    xs: &'a [f32],
-    n: usize,
-    y: *mut f32,
-}
-
-// Safety: threads write disjoint rows of `y` (see `run_parts`).
-unsafe impl Sync for BlockJob<'_> {}
-
-impl BlockJob<'_> {
-    /// # Safety
-    /// `y` must hold `n * rows` floats, and no other thread may write these rows' outputs.
-    unsafe fn run(&self, rows: std::ops::Range<usize>) {
-        let (cols, nrows) = (self.m.cols, self.m.rows);
-        let rb = self.m.qtype.row_bytes(cols).unwrap();
-        thread_local! { static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) }; }
-        ROW.with(|cell| {
-            let mut w = cell.borrow_mut();
-            w.resize(cols, 0.0);
-            for r in rows {
-                self.m.qtype.dequantize_row(&self.data[r * rb..(r + 1) * rb], &mut w);
-                for t in 0..self.n {
-                    let x = &self.xs[t * cols..(t + 1) * cols];
-                    let d: f32 = w.iter().zip(x).map(|(a, b)| a * b).sum();
-                    *self.y.add(t * nrows + r) = d;
-                }
-            }
-        })
     }
 }
 
 enum Part<'a> {
     Int(IntJob<'a>),
     Float(FloatJob<'a>),
-    Blocks(BlockJob<'a>),
+    K4(K4Job<'a>),
 }
 
 impl Part<'_> {
@@ -255,7 +239,7 @@ impl Part<'_> {
             // A matrix without columns still has rows to write (zeros): cost them a byte.
             Part::Int(j) => (j.t.tiles, j.t.tile_bytes().max(1)),
             Part::Float(j) => (j.f.tiles, j.f.tile_bytes().max(1)),
-            Part::Blocks(j) => (j.m.rows, j.m.qtype.row_bytes(j.m.cols).unwrap().max(1)),
+            Part::K4(j) => (j.k.tiles, j.k.tile_bytes().max(1)),
         }
     }
 
@@ -263,7 +247,7 @@ impl Part<'_> {
         match self {
             Part::Int(j) => int_tiles(isa, j, units),
             Part::Float(j) => float_tiles(isa, j, units),
-            Part::Blocks(j) => j.run(units),
+            Part::K4(j) => k4_tiles(isa, j, units),
         }
     }
 }

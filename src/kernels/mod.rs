@@ -2,7 +2,7 @@
 //! (rows = output channels, blocks along `cols`) in a runtime layout (`pack`) and multiplies it by
 //! activations.
 //!
-//! * q8_0 / q4_0 / iq4_nl: activations are quantized per block of 32 to int8 with an f32 scale
+//! * q8_0 / q4_0 / iq4_nl / q4_k: activations are quantized per block of 32 to int8 with an f32 scale
 //!   (`act`), then integer dot products per block, scaled and summed in f32.
 //! * bf16 / f32: f32 products and sums, exact to f32 rounding.
 //!
@@ -15,6 +15,7 @@
 //! a persistent thread pool (`pool`) so that each thread streams one contiguous run of rows.
 
 mod act;
+mod k4;
 mod bandwidth;
 mod pack;
 mod pool;
@@ -202,6 +203,20 @@ pub(crate) unsafe fn int_tiles(isa: Isa, j: &IntJob, tiles: Range<usize>) {
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => neon::int_tiles(j, tiles),
         _ => scalar::int_tiles(j, tiles),
+    }
+}
+
+/// Compute output tiles `tiles` of q4_k job `j` on `isa`. The caller guarantees
+/// `isa.is_available()`.
+pub(crate) unsafe fn k4_tiles(isa: Isa, j: &k4::K4Job, tiles: Range<usize>) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::k4_tiles(j, tiles),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::k4_tiles(j, tiles),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon::k4_tiles(j, tiles),
+        _ => k4::tiles_scalar(j, tiles),
     }
 }
 
