@@ -8,6 +8,7 @@
 //!   and two experts (gate and up fused, then down); then the 131072 x 2048 output head.
 //! * `matmul`: 128 tokens through an 8192 x 2048 expert matrix.
 //! * `small`: a 512 x 2048 matrix that stays in cache: per-call overhead and compute speed.
+//! * `dispatch`: an empty parallel job on the kernels' pool and on rayon.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use grok1::kernels::{self, Matrix};
@@ -34,6 +35,12 @@ fn random_matrix(qtype: QuantType, rows: usize, cols: usize, seed: u64) -> Matri
         QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl => {
             for block in bytes.chunks_mut(qtype.block_bytes()) {
                 block[..2].copy_from_slice(&scale);
+            }
+        }
+        QuantType::Q4K => {
+            for block in bytes.chunks_mut(qtype.block_bytes()) {
+                block[..2].copy_from_slice(&scale); // d
+                block[2..4].copy_from_slice(&scale); // dmin
             }
         }
         QuantType::Bf16 => {
@@ -63,7 +70,7 @@ fn roofline(_c: &mut Criterion) {
 
 fn stream(c: &mut Criterion) {
     let (rows, cols) = (8192, 16384);
-    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Bf16] {
+    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4K, QuantType::Bf16] {
         let m = random_matrix(qtype, rows, cols, 1);
         let x = input(cols);
         let mut y = vec![0f32; rows];
@@ -88,7 +95,7 @@ struct Layer {
 
 fn decode(c: &mut Criterion) {
     let (d, ffn, kv) = (2048, 8192, 512);
-    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl] {
+    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4K] {
         let mut seed = 100;
         let mut next = |rows, cols| {
             seed += 1;
@@ -144,7 +151,7 @@ fn decode(c: &mut Criterion) {
 
 fn matmul(c: &mut Criterion) {
     let (rows, cols, n) = (8192, 2048, 128);
-    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Bf16] {
+    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4K, QuantType::Bf16] {
         let m = random_matrix(qtype, rows, cols, 7);
         let xs = input(n * cols);
         let mut ys = vec![0f32; n * rows];
@@ -176,6 +183,24 @@ fn small(c: &mut Criterion) {
     kernels::set_threads(0);
 }
 
+/// The cost of handing out work: an empty job of one chunk per thread, on our pool and on rayon.
+fn dispatch(c: &mut Criterion) {
+    use rayon::prelude::*;
+    let mut g = c.benchmark_group("dispatch");
+    let n = kernels::threads();
+    g.bench_function(format!("pool/{n}t"), |b| {
+        b.iter(|| kernels::parallel_for(n, &|i| {
+            std::hint::black_box(i);
+        }))
+    });
+    g.bench_function(format!("rayon/{}t", rayon::current_num_threads()), |b| {
+        b.iter(|| (0..n).into_par_iter().for_each(|i| {
+            std::hint::black_box(i);
+        }))
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -186,6 +211,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = roofline, stream, decode, matmul, small
+    targets = roofline, dispatch, stream, decode, matmul, small
 }
 criterion_main!(benches);

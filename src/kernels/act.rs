@@ -16,11 +16,13 @@ pub(crate) struct QActs {
     d: Vec<f32>,
     /// `-128 * sum(q)` per block: what the `q + 128` bias of tiled q8 weights adds, negated.
     c: Vec<i32>,
+    /// The exact (f32) sum of each block of `x`, for the offset term of q4_k.
+    s: Vec<f32>,
 }
 
 impl QActs {
     pub(crate) fn new() -> QActs {
-        QActs { n: 0, nbp: 0, xq: AlignedBuf::zeroed(0), d: Vec::new(), c: Vec::new() }
+        QActs { n: 0, nbp: 0, xq: AlignedBuf::zeroed(0), d: Vec::new(), c: Vec::new(), s: Vec::new() }
     }
 
     /// Quantize `xs` (`[n, cols]`) into `nbp` (>= cols / 32) blocks per vector.
@@ -37,12 +39,21 @@ impl QActs {
         self.d.resize(n * nbp, 0.0);
         self.c.clear();
         self.c.resize(n * nbp, 0);
+        self.s.clear();
+        self.s.resize(n * nbp, 0.0);
         let nb = cols / QK;
         let xq = &mut self.xq.as_mut_slice()[..need];
         for t in 0..n {
             let x = &xs[t * cols..(t + 1) * cols];
             let q = &mut xq[t * nbp * QK..(t + 1) * nbp * QK];
-            quantize_row(x, &mut q[..nb * QK], &mut self.d[t * nbp..t * nbp + nb], &mut self.c[t * nbp..t * nbp + nb]);
+            let blocks = t * nbp..t * nbp + nb;
+            quantize_row(
+                x,
+                &mut q[..nb * QK],
+                &mut self.d[blocks.clone()],
+                &mut self.c[blocks.clone()],
+                &mut self.s[blocks],
+            );
             q[nb * QK..].fill(0);
         }
     }
@@ -71,35 +82,51 @@ impl QActs {
         self.c[t * self.nbp..].as_ptr()
     }
 
+    /// Exact block sums of vector `t`.
+    #[inline(always)]
+    pub(crate) fn s_ptr(&self, t: usize) -> *const f32 {
+        self.s[t * self.nbp..].as_ptr()
+    }
+
+    #[inline(always)]
+    pub(crate) fn sum(&self, t: usize, b: usize) -> f32 {
+        self.s[t * self.nbp + b]
+    }
+
     #[inline(always)]
     pub(crate) fn d(&self, t: usize, b: usize) -> f32 {
         self.d[t * self.nbp + b]
     }
 }
 
-fn quantize_row(x: &[f32], q: &mut [u8], d: &mut [f32], c: &mut [i32]) {
+type Row<'a> = (&'a [f32], &'a mut [u8], &'a mut [f32], &'a mut [i32], &'a mut [f32]);
+
+fn quantize_row(x: &[f32], q: &mut [u8], d: &mut [f32], c: &mut [i32], s: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // The same source compiled for wider vectors: identical results, several times faster.
-        return unsafe { quantize_row_avx2(x, q, d, c) };
+        return unsafe { quantize_row_avx2((x, q, d, c, s)) };
     }
-    quantize_row_generic(x, q, d, c)
+    quantize_row_generic((x, q, d, c, s))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_row_avx2(x: &[f32], q: &mut [u8], d: &mut [f32], c: &mut [i32]) {
-    quantize_row_generic(x, q, d, c)
+unsafe fn quantize_row_avx2(row: Row) {
+    quantize_row_generic(row)
 }
 
 #[inline(always)]
-fn quantize_row_generic(x: &[f32], q: &mut [u8], d: &mut [f32], c: &mut [i32]) {
-    for (((x, q), d), c) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).zip(d).zip(c) {
+fn quantize_row_generic((x, q, d, c, s): Row) {
+    let blocks = x.chunks_exact(QK).zip(q.chunks_exact_mut(QK));
+    for ((((x, q), d), c), s) in blocks.zip(d).zip(c).zip(s) {
         let x: &[f32; QK] = x.try_into().unwrap();
         let q: &mut [u8; QK] = q.try_into().unwrap();
         let (scale, sum) = quantize_block(x, q);
         *d = scale;
         *c = -128 * sum;
+        // In order, so every path sees the same value.
+        *s = x.iter().fold(0f32, |a, v| a + v);
     }
 }
 

@@ -8,6 +8,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::pack::{IntKind, TILE};
+use super::k4::{self, K4Job};
 use super::{FloatJob, IntJob};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -82,12 +83,13 @@ unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize
     for p in 0..t.nbp / 2 {
         let pair = base.add(p * pb);
         let ahead = pair.wrapping_add(PF_INT);
-        let mut l = 0;
-        while l < pb {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
-            l += 64;
-        }
         for h in 0..2 {
+            // Half the pair's lines per block: a burst of all of them would overflow the miss
+            // queue and have prefetches dropped (measured: q4_k streamed at half speed so).
+            let lines = pb / 64;
+            for l in h * lines.div_ceil(2)..((h + 1) * lines.div_ceil(2)).min(lines) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
+            }
             let b = 2 * p + h;
             for half in 0..2 {
                 let w = decode::<NIB>(pair.add(h * qb + 32 * half), stab);
@@ -121,90 +123,163 @@ unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize
     }
 }
 
-pub(crate) unsafe fn float_rows(j: &FloatJob, rows: Range<usize>) {
-    let mut r = rows.start;
-    while r < rows.end {
-        let left = rows.end - r;
-        // 16 registers: 4 rows x 1 vector, or 2 rows x 4 vectors, of accumulators.
-        let rr = match (j.n >= 4, left) {
-            (true, 2..) => 2,
-            (false, 4..) => 4,
-            _ => 1,
-        };
+/// Activation vectors sharing one pass over a float tile (4 accumulators each).
+const MAXT_F: usize = 2;
+
+pub(crate) unsafe fn float_tiles(j: &FloatJob, tiles: Range<usize>) {
+    for ti in tiles {
         let mut t0 = 0;
         while t0 < j.n {
-            let tt = if j.n - t0 >= 4 { 4 } else { 1 };
-            macro_rules! go {
-                ($($bf:literal, $r:literal, $t:literal);*) => {
-                    match (j.bf16, rr, tt) {
-                        $(($bf, $r, $t) => frows::<$bf, $r, $t>(j, r, t0),)*
-                        _ => unreachable!(),
-                    }
-                };
+            let m = (j.n - t0).min(MAXT_F);
+            match (j.f.bf16, m) {
+                (true, 1) => ftile::<true, 1>(j, ti, t0),
+                (true, _) => ftile::<true, 2>(j, ti, t0),
+                (false, 1) => ftile::<false, 1>(j, ti, t0),
+                (false, _) => ftile::<false, 2>(j, ti, t0),
             }
-            go!(true, 1, 1; true, 2, 1; true, 4, 1; true, 1, 4; true, 2, 4; true, 4, 4;
-                false, 1, 1; false, 2, 1; false, 4, 1; false, 1, 4; false, 2, 4; false, 4, 4);
-            t0 += tt;
+            t0 += m;
         }
-        r += rr;
     }
 }
 
+/// Weights of rows 8h..8h+8 for columns 2c2 and 2c2+1.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn load_w<const BF: bool>(p: *const u8) -> __m256 {
+unsafe fn fpair<const BF: bool>(base: *const u8, c2: usize, h: usize) -> (__m256, __m256) {
     if BF {
-        let h = _mm_loadu_si128(p as *const __m128i);
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        let v = _mm256_load_si256(base.add(c2 * 64 + 32 * h) as *const __m256i);
+        let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        (_mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)), _mm256_castsi256_ps(_mm256_and_si256(v, high)))
     } else {
-        _mm256_loadu_ps(p as *const f32)
+        let p = base.add(c2 * 128 + 32 * h);
+        (_mm256_load_ps(p as *const f32), _mm256_load_ps(p.add(64) as *const f32))
     }
 }
 
+/// Tokens t0..t0+T through float tile `ti`; accumulators per token, half tile, column parity.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn ftile<const BF: bool, const T: usize>(j: &FloatJob, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.f.tile_bytes());
+    let x0 = j.xs.as_ptr().add(t0 * j.cols);
+    let mut acc = [[[_mm256_setzero_ps(); 2]; 2]; T];
+    let step = if BF { 64 } else { 128 };
+    for c2 in 0..j.cols / 2 {
+        let p = base.add(c2 * step);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PF_INT) as *const i8);
+        if !BF {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PF_INT + 64) as *const i8);
+        }
+        for h in 0..2 {
+            let (we, wo) = fpair::<BF>(base, c2, h);
+            for k in 0..T {
+                let x = x0.add(k * j.cols + 2 * c2);
+                acc[k][h][0] = _mm256_fmadd_ps(we, _mm256_set1_ps(*x), acc[k][h][0]);
+                acc[k][h][1] = _mm256_fmadd_ps(wo, _mm256_set1_ps(*x.add(1)), acc[k][h][1]);
+            }
+        }
+    }
+    if j.cols % 2 == 1 {
+        let c = j.cols - 1;
+        for h in 0..2 {
+            let w = if BF {
+                let v = _mm256_load_si256(base.add(c / 2 * 64 + 32 * h) as *const __m256i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v))
+            } else {
+                _mm256_load_ps(base.add(c * 64 + 32 * h) as *const f32)
+            };
+            for k in 0..T {
+                acc[k][h][0] = _mm256_fmadd_ps(w, _mm256_set1_ps(*x0.add(k * j.cols + c)), acc[k][h][0]);
+            }
+        }
+    }
+    let r0 = ti * TILE;
+    for h in 0..2 {
+        let valid = j.rows.saturating_sub(r0 + 8 * h).min(8);
+        if valid == 0 {
+            continue;
+        }
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for k in 0..T {
+            let v = _mm256_add_ps(acc[k][h][0], acc[k][h][1]);
+            _mm256_maskstore_ps(j.y.add((t0 + k) * j.ystride + r0 + 8 * h), mask, v);
+        }
+    }
+}
+
+pub(crate) unsafe fn k4_tiles(j: &K4Job, tiles: Range<usize>) {
+    for ti in tiles {
+        let mut t0 = 0;
+        while t0 < j.acts.n {
+            let m = (j.acts.n - t0).min(MAXT);
+            match m {
+                1 => k4_tile::<1>(j, ti, t0),
+                2 => k4_tile::<2>(j, ti, t0),
+                3 => k4_tile::<3>(j, ti, t0),
+                _ => k4_tile::<4>(j, ti, t0),
+            }
+            t0 += m;
+        }
+    }
+}
+
+/// 8 bytes as 8 f32.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
+unsafe fn bytes_f32(p: *const u8) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)))
 }
 
+/// Tokens t0..t0+T through q4_k tile `ti` (see `k4`), 8 rows at a time.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn frows<const BF: bool, const R: usize, const T: usize>(j: &FloatJob, r0: usize, t0: usize) {
-    let es = if BF { 2 } else { 4 };
-    let stride = j.cols * es;
-    let w0 = j.data.add(r0 * stride);
-    let x0 = j.xs.as_ptr().add(t0 * j.cols);
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let full = j.cols / 8 * 8;
-    let mut c = 0;
-    while c < full {
-        let mut x = [_mm256_setzero_ps(); T];
-        for (k, v) in x.iter_mut().enumerate() {
-            *v = _mm256_loadu_ps(x0.add(k * j.cols + c));
-        }
-        for (r, a) in acc.iter_mut().enumerate() {
-            let w = load_w::<BF>(w0.add(r * stride + c * es));
-            for k in 0..T {
-                a[k] = _mm256_fmadd_ps(w, x[k], a[k]);
+unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.k.tile_bytes());
+    let stab = _mm256_broadcastsi128_si256(_mm_loadu_si128(k4::TABLE.as_ptr() as *const __m128i));
+    let ones = _mm256_set1_epi16(1);
+    let acts = j.acts;
+    let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
+    let xd: [*const f32; T] = std::array::from_fn(|k| acts.d_ptr(t0 + k));
+    let xs: [*const f32; T] = std::array::from_fn(|k| acts.s_ptr(t0 + k));
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    for s in 0..j.k.nsb {
+        let sb = base.add(s * k4::SB_BYTES);
+        let ahead = sb.wrapping_add(k4::PF);
+        for half in 0..2 {
+            for l in 19 * half..(19 * (half + 1)).min(k4::SB_BYTES / 64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
+            }
+            let dv = _mm256_cvtph_ps(_mm_load_si128(sb.add(k4::D_OFF + 16 * half) as *const __m128i));
+            let mv = _mm256_cvtph_ps(_mm_load_si128(sb.add(k4::DMIN_OFF + 16 * half) as *const __m128i));
+            for sub in 0..k4::SUB {
+                let b = s * k4::SUB + sub;
+                let w = decode::<true>(sb.add(sub * 256 + 32 * half), stab);
+                let dsc = _mm256_mul_ps(dv, bytes_f32(sb.add(k4::SC_OFF + sub * TILE + 8 * half)));
+                let mn = _mm256_mul_ps(mv, bytes_f32(sb.add(k4::M_OFF + sub * TILE + 8 * half)));
+                let off = _mm256_sub_ps(mn, _mm256_mul_ps(_mm256_set1_ps(8.0), dsc));
+                for k in 0..T {
+                    let x = xq[k].add(b * 8);
+                    let mut s0 = _mm256_setzero_si256();
+                    let mut s1 = _mm256_setzero_si256();
+                    for g in (0..8).step_by(2) {
+                        s0 = _mm256_add_epi32(s0, dot4(w[g], _mm256_set1_epi32(*x.add(g)), ones));
+                        s1 = _mm256_add_epi32(s1, dot4(w[g + 1], _mm256_set1_epi32(*x.add(g + 1)), ones));
+                    }
+                    let scale = _mm256_mul_ps(dsc, _mm256_set1_ps(*xd[k].add(b)));
+                    let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+                    acc[k][half] = _mm256_fmadd_ps(isum, scale, acc[k][half]);
+                    acc[k][half] = _mm256_fnmadd_ps(off, _mm256_set1_ps(*xs[k].add(b)), acc[k][half]);
+                }
             }
         }
-        c += 8;
     }
-    for (r, a) in acc.iter().enumerate() {
-        for k in 0..T {
-            let mut s = hsum(a[k]);
-            for cc in full..j.cols {
-                let p = w0.add(r * stride + cc * es);
-                let w = if BF {
-                    f32::from_bits((p.cast::<u16>().read_unaligned() as u32) << 16)
-                } else {
-                    p.cast::<f32>().read_unaligned()
-                };
-                s += w * *x0.add(k * j.cols + cc);
-            }
-            *j.y.add((t0 + k) * j.ystride + r0 + r) = s;
+    let r0 = ti * TILE;
+    for half in 0..2 {
+        let valid = j.rows.saturating_sub(r0 + 8 * half).min(8);
+        if valid == 0 {
+            continue;
+        }
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (k, a) in acc.iter().enumerate() {
+            _mm256_maskstore_ps(j.y.add((t0 + k) * j.ystride + r0 + 8 * half), mask, a[half]);
         }
     }
 }

@@ -7,6 +7,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::pack::{IntKind, TILE};
+use super::k4::{self, K4Job};
 use super::{FloatJob, IntJob};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -90,12 +91,13 @@ unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize
     for p in 0..t.nbp / 2 {
         let pair = base.add(p * pb);
         let ahead = pair.wrapping_add(PF_INT);
-        let mut l = 0;
-        while l < pb {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
-            l += 64;
-        }
         for h in 0..2 {
+            // Half the pair's lines per block: a burst of all of them would overflow the miss
+            // queue and have prefetches dropped (measured: q4_k streamed at half speed so).
+            let lines = pb / 64;
+            for l in h * lines.div_ceil(2)..((h + 1) * lines.div_ceil(2)).min(lines) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
+            }
             let b = 2 * p + h;
             let w = if NIB { decode_nib(pair.add(h * qb), tbl, low) } else { decode_q8(pair.add(h * qb)) };
             let dw = _mm512_cvtph_ps(_mm256_load_si256(pair.add(2 * qb + h * 32) as *const __m256i));
@@ -120,72 +122,147 @@ unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize
     }
 }
 
-pub(crate) unsafe fn float_rows(j: &FloatJob, rows: Range<usize>) {
-    let mut r = rows.start;
-    while r < rows.end {
-        let rr = if rows.end - r >= 4 { 4 } else { 1 };
+pub(crate) unsafe fn float_tiles(j: &FloatJob, tiles: Range<usize>) {
+    for ti in tiles {
         let mut t0 = 0;
         while t0 < j.n {
-            let tt = if j.n - t0 >= 4 { 4 } else { 1 };
-            match (j.bf16, rr, tt) {
-                (true, 4, 4) => frows::<true, 4, 4>(j, r, t0),
-                (true, 4, _) => frows::<true, 4, 1>(j, r, t0),
-                (true, _, 4) => frows::<true, 1, 4>(j, r, t0),
-                (true, _, _) => frows::<true, 1, 1>(j, r, t0),
-                (false, 4, 4) => frows::<false, 4, 4>(j, r, t0),
-                (false, 4, _) => frows::<false, 4, 1>(j, r, t0),
-                (false, _, 4) => frows::<false, 1, 4>(j, r, t0),
-                (false, _, _) => frows::<false, 1, 1>(j, r, t0),
+            let m = (j.n - t0).min(MAXT);
+            macro_rules! go {
+                ($($t:literal)*) => {
+                    match (j.f.bf16, m) {
+                        $((true, $t) => ftile::<true, $t>(j, ti, t0),)*
+                        $((false, $t) => ftile::<false, $t>(j, ti, t0),)*
+                        _ => unreachable!(),
+                    }
+                };
             }
-            t0 += tt;
+            go!(1 2 3 4 5 6 7 8);
+            t0 += m;
         }
-        r += rr;
     }
 }
 
-/// 16 weights as f32; bf16 is the upper half of an f32.
-#[inline]
+/// Tokens t0..t0+T through float tile `ti`. Two accumulators per token, for even and odd
+/// columns, halve the dependency chain of FMAs.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn load_w<const BF: bool>(p: *const u8, mask: __mmask16) -> __m512 {
-    if BF {
-        let h = _mm256_maskz_loadu_epi16(mask, p as *const i16);
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-    } else {
-        _mm512_maskz_loadu_ps(mask, p as *const f32)
-    }
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn frows<const BF: bool, const R: usize, const T: usize>(j: &FloatJob, r0: usize, t0: usize) {
-    let es = if BF { 2 } else { 4 };
-    let stride = j.cols * es;
-    let w0 = j.data.add(r0 * stride);
+unsafe fn ftile<const BF: bool, const T: usize>(j: &FloatJob, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.f.tile_bytes());
     let x0 = j.xs.as_ptr().add(t0 * j.cols);
-    let mut acc = [[_mm512_setzero_ps(); T]; R];
-    let mut c = 0;
-    while c < j.cols {
-        // 32 columns per step where possible (a whole cache line of bf16), then masked tails.
-        let step = if j.cols - c >= 32 { 32 } else { (j.cols - c).min(16) };
-        let mut cc = c;
-        while cc < c + step {
-            let mask = ((1u32 << (c + step - cc).min(16)) - 1) as __mmask16;
-            let mut x = [_mm512_setzero_ps(); T];
-            for (k, v) in x.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(mask, x0.add(k * j.cols + cc));
-            }
-            for (r, a) in acc.iter_mut().enumerate() {
-                let w = load_w::<BF>(w0.add(r * stride + cc * es), mask);
-                for k in 0..T {
-                    a[k] = _mm512_fmadd_ps(w, x[k], a[k]);
-                }
-            }
-            cc += 16;
-        }
-        c += step;
-    }
-    for (r, a) in acc.iter().enumerate() {
+    let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    let mut even = [_mm512_setzero_ps(); T];
+    let mut odd = [_mm512_setzero_ps(); T];
+    // Pairs of columns: one bf16 group, or two f32 groups.
+    let pairs = j.cols / 2;
+    for c2 in 0..pairs {
+        let (we, wo) = if BF {
+            let p = base.add(c2 * 64);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PF_INT) as *const i8);
+            let v = _mm512_load_si512(p as *const _);
+            (_mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)), _mm512_castsi512_ps(_mm512_and_si512(v, high)))
+        } else {
+            let p = base.add(c2 * 128);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PF_INT) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PF_INT + 64) as *const i8);
+            (_mm512_load_ps(p as *const f32), _mm512_load_ps(p.add(64) as *const f32))
+        };
         for k in 0..T {
-            *j.y.add((t0 + k) * j.ystride + r0 + r) = _mm512_reduce_add_ps(a[k]);
+            let x = x0.add(k * j.cols + 2 * c2);
+            even[k] = _mm512_fmadd_ps(we, _mm512_set1_ps(*x), even[k]);
+            odd[k] = _mm512_fmadd_ps(wo, _mm512_set1_ps(*x.add(1)), odd[k]);
         }
+    }
+    if j.cols % 2 == 1 {
+        // The last column: a bf16 group's low half, or a whole f32 group.
+        let c = j.cols - 1;
+        let w = if BF {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_load_si512(base.add(c / 2 * 64) as *const _)))
+        } else {
+            _mm512_load_ps(base.add(c * 64) as *const f32)
+        };
+        for k in 0..T {
+            even[k] = _mm512_fmadd_ps(w, _mm512_set1_ps(*x0.add(k * j.cols + c)), even[k]);
+        }
+    }
+    let r0 = ti * TILE;
+    let mask = ((1u32 << (j.rows - r0).min(TILE)) - 1) as __mmask16;
+    for k in 0..T {
+        _mm512_mask_storeu_ps(j.y.add((t0 + k) * j.ystride + r0), mask, _mm512_add_ps(even[k], odd[k]));
+    }
+}
+
+pub(crate) unsafe fn k4_tiles(j: &K4Job, tiles: Range<usize>) {
+    for ti in tiles {
+        let mut t0 = 0;
+        while t0 < j.acts.n {
+            let m = (j.acts.n - t0).min(MAXT);
+            match m {
+                1 => k4_tile::<1>(j, ti, t0),
+                2 => k4_tile::<2>(j, ti, t0),
+                3 => k4_tile::<3>(j, ti, t0),
+                4 => k4_tile::<4>(j, ti, t0),
+                5 => k4_tile::<5>(j, ti, t0),
+                6 => k4_tile::<6>(j, ti, t0),
+                7 => k4_tile::<7>(j, ti, t0),
+                _ => k4_tile::<8>(j, ti, t0),
+            }
+            t0 += m;
+        }
+    }
+}
+
+/// 16 bytes as 16 f32.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn bytes_f32(p: *const u8) -> __m512 {
+    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(p as *const __m128i)))
+}
+
+/// Tokens t0..t0+T through q4_k tile `ti`: the integer sums as for a 4-bit block, then the
+/// sub-block's scale and offset (see `k4`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.k.tile_bytes());
+    let utab = k4::TABLE.map(|v| (v as u8) ^ 0x80);
+    let tbl = _mm512_broadcast_i32x4(_mm_loadu_si128(utab.as_ptr() as *const __m128i));
+    let low = _mm512_set1_epi8(0x0f);
+    let acts = j.acts;
+    let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
+    let xd: [*const f32; T] = std::array::from_fn(|k| acts.d_ptr(t0 + k));
+    let xc: [*const i32; T] = std::array::from_fn(|k| acts.c_ptr(t0 + k));
+    let xs: [*const f32; T] = std::array::from_fn(|k| acts.s_ptr(t0 + k));
+    let mut acc = [_mm512_setzero_ps(); T];
+    for s in 0..j.k.nsb {
+        let sb = base.add(s * k4::SB_BYTES);
+        let ahead = sb.wrapping_add(k4::PF);
+        let dv = _mm512_cvtph_ps(_mm256_load_si256(sb.add(k4::D_OFF) as *const __m256i));
+        let mv = _mm512_cvtph_ps(_mm256_load_si256(sb.add(k4::DMIN_OFF) as *const __m256i));
+        for sub in 0..k4::SUB {
+            // A few lines per sub-block rather than a burst that would overflow the miss queue.
+            for l in k4::PF_LINES * sub..(k4::PF_LINES * (sub + 1)).min(k4::SB_BYTES / 64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
+            }
+            let b = s * k4::SUB + sub;
+            let w = decode_nib(sb.add(sub * 256), tbl, low);
+            let dsc = _mm512_mul_ps(dv, bytes_f32(sb.add(k4::SC_OFF + sub * TILE)));
+            let mn = _mm512_mul_ps(mv, bytes_f32(sb.add(k4::M_OFF + sub * TILE)));
+            let off = _mm512_sub_ps(mn, _mm512_mul_ps(_mm512_set1_ps(8.0), dsc));
+            for k in 0..T {
+                let x = xq[k].add(b * 8);
+                let mut s0 = _mm512_set1_epi32(*xc[k].add(b));
+                let mut s1 = _mm512_setzero_si512();
+                for g in (0..8).step_by(2) {
+                    s0 = _mm512_dpbusd_epi32(s0, w[g], _mm512_set1_epi32(*x.add(g)));
+                    s1 = _mm512_dpbusd_epi32(s1, w[g + 1], _mm512_set1_epi32(*x.add(g + 1)));
+                }
+                let scale = _mm512_mul_ps(dsc, _mm512_set1_ps(*xd[k].add(b)));
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), scale, acc[k]);
+                acc[k] = _mm512_fnmadd_ps(off, _mm512_set1_ps(*xs[k].add(b)), acc[k]);
+            }
+        }
+    }
+    let r0 = ti * TILE;
+    let mask = ((1u32 << (j.rows - r0).min(TILE)) - 1) as __mmask16;
+    for (k, a) in acc.iter().enumerate() {
+        _mm512_mask_storeu_ps(j.y.add((t0 + k) * j.ystride + r0), mask, *a);
     }
 }

@@ -39,8 +39,10 @@ pub fn measure_read_bandwidth(threads: usize) -> f64 {
             });
         }
         for _ in 0..PASSES {
-            start_line.wait();
+            // Timed from before the start: a timer started after it could miss the pass if this
+            // thread were descheduled.
             let t0 = Instant::now();
+            start_line.wait();
             end_line.wait();
             best = best.min(t0.elapsed().as_secs_f64());
         }

@@ -1,8 +1,9 @@
 //! `Matrix`: one weight matrix in its runtime layout, and the products the model asks of it.
 
 use super::act::QActs;
-use super::pack::{self, AlignedBuf, Tiled, TILE};
-use super::{float_rows, int_tiles, pool, selected, FloatJob, IntJob, Isa};
+use super::pack::{self, AlignedBuf, FloatTiles, Tiled, TILE};
+use super::k4::{self, K4Job, K4Tiles};
+use super::{float_tiles, int_tiles, k4_tiles, pool, selected, FloatJob, IntJob, Isa};
 use crate::error::{Error, Result};
 use crate::quant::{QuantType, QK};
 use std::cell::RefCell;
@@ -21,11 +22,8 @@ pub struct Matrix {
 }
 
 enum Store {
-    /// Row-major bf16 or f32, as on disk.
-    Float(AlignedBuf),
-    /// Row-major blocks as on disk, for types without a tiled kernel (q4_k): each row is
-    /// dequantized and dotted in f32 (the scalar reference path).
-    Blocks(AlignedBuf),
+    Float(FloatTiles, AlignedBuf),
+    K4(K4Tiles, AlignedBuf),
     Tiled(Tiled, AlignedBuf),
 }
 
@@ -38,13 +36,14 @@ impl Matrix {
     pub fn from_bytes(qtype: QuantType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Matrix> {
         let store = match qtype {
             QuantType::F32 | QuantType::Bf16 => {
-                Store::Float(AlignedBuf::zeroed(qtype.block_bytes() * rows * cols))
+                let f = FloatTiles::new(qtype == QuantType::Bf16, rows, cols);
+                let len = f.tiles * f.tile_bytes();
+                Store::Float(f, AlignedBuf::zeroed(len))
             }
             QuantType::Q4K => {
-                let rb = qtype.row_bytes(cols).ok_or_else(|| {
-                    Error::Invalid(format!("{cols} columns is not a whole number of {qtype} blocks"))
-                })?;
-                Store::Blocks(AlignedBuf::zeroed(rb * rows))
+                let k = K4Tiles::new(rows, cols);
+                let len = k.tiles * k.tile_bytes();
+                Store::K4(k, AlignedBuf::zeroed(len))
             }
             _ => {
                 let t = Tiled::new(qtype, rows, cols);
@@ -72,7 +71,40 @@ impl Matrix {
             )));
         }
         match &mut self.store {
-            Store::Float(buf) | Store::Blocks(buf) => buf.as_mut_slice().copy_from_slice(bytes),
+            Store::Float(f, buf) => {
+                let f = *f;
+                let tb = f.tile_bytes();
+                let out = SyncPtr(buf.as_mut_slice().as_mut_ptr());
+                let chunks = f.tiles.min(4 * pool::threads());
+                let job = |i: usize| {
+                    let (a, b) = (f.tiles * i / chunks, f.tiles * (i + 1) / chunks);
+                    // Threads write disjoint whole tiles of the buffer.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(a * tb), (b - a) * tb) };
+                    pack::pack_float_tiles(&f, rows, cols, bytes, a, dst);
+                };
+                if bytes.len() < SERIAL_WORK {
+                    (0..chunks).for_each(job)
+                } else {
+                    pool::run(chunks, &job)
+                }
+            }
+            Store::K4(k, buf) => {
+                let k = *k;
+                let tb = k.tile_bytes();
+                let out = SyncPtr(buf.as_mut_slice().as_mut_ptr());
+                let chunks = k.tiles.min(4 * pool::threads());
+                let job = |i: usize| {
+                    let (a, b) = (k.tiles * i / chunks, k.tiles * (i + 1) / chunks);
+                    // Threads write disjoint whole tiles of the buffer.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(a * tb), (b - a) * tb) };
+                    k4::pack(&k, rows, bytes, a, dst);
+                };
+                if bytes.len() < SERIAL_WORK {
+                    (0..chunks).for_each(job)
+                } else {
+                    pool::run(chunks, &job)
+                }
+            }
             Store::Tiled(t, buf) => {
                 let t = *t;
                 let tb = t.tile_bytes();
@@ -106,10 +138,8 @@ impl Matrix {
         assert!(r < self.rows, "row {r} of a matrix with {} rows", self.rows);
         assert_eq!(out.len(), self.cols, "row_f32 output length");
         match &self.store {
-            Store::Float(buf) | Store::Blocks(buf) => {
-                let rb = self.qtype.row_bytes(self.cols).unwrap();
-                self.qtype.dequantize_row(&buf.as_slice()[r * rb..(r + 1) * rb], out);
-            }
+            Store::Float(f, buf) => pack::unpack_float_row(f, buf.as_slice(), r, out),
+            Store::K4(k, buf) => k4::unpack_row(k, buf.as_slice(), r, out),
             Store::Tiled(t, buf) => pack::unpack_row(t, buf.as_slice(), r, self.cols, out),
         }
     }
@@ -150,7 +180,7 @@ impl Matrix {
         if n == 0 {
             return;
         }
-        let needs_acts = outs.iter().any(|(m, _)| matches!(m.store, Store::Tiled(..)));
+        let needs_acts = outs.iter().any(|(m, _)| matches!(m.store, Store::Tiled(..) | Store::K4(..)));
         ACTS.with(|cell| {
             let mut acts = cell.borrow_mut();
             if needs_acts {
@@ -174,75 +204,50 @@ impl Matrix {
                 y,
                 ystride: self.rows,
             }),
-            Store::Float(buf) => Part::Float(FloatJob {
-                bf16: self.qtype == QuantType::Bf16,
+            Store::Float(f, buf) => Part::Float(FloatJob {
+                f,
                 data: buf.as_ptr(),
+                rows: self.rows,
                 cols: self.cols,
                 xs,
                 n,
                 y,
                 ystride: self.rows,
             }),
-            Store::Blocks(buf) => Part::Blocks(BlockJob { m: self, data: buf.as_slice(), xs, n, y }),
+            Store::K4(k, buf) => Part::K4(K4Job {
+                k,
+                data: buf.as_ptr(),
+                rows: self.rows,
+                acts,
+                y,
+                ystride: self.rows,
+            }),
         }
-    }
-}
-
-/// Rows of a `Store::Blocks` matrix: dequantize each row once, dot it with every input.
-struct BlockJob<'a> {
-    m: &'a Matrix,
-    data: &'a [u8],
-    xs: &'a [f32],
-    n: usize,
-    y: *mut f32,
-}
-
-// Safety: threads write disjoint rows of `y` (see `run_parts`).
-unsafe impl Sync for BlockJob<'_> {}
-
-impl BlockJob<'_> {
-    /// # Safety
-    /// `y` must hold `n * rows` floats, and no other thread may write these rows' outputs.
-    unsafe fn run(&self, rows: std::ops::Range<usize>) {
-        let (cols, nrows) = (self.m.cols, self.m.rows);
-        let rb = self.m.qtype.row_bytes(cols).unwrap();
-        thread_local! { static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) }; }
-        ROW.with(|cell| {
-            let mut w = cell.borrow_mut();
-            w.resize(cols, 0.0);
-            for r in rows {
-                self.m.qtype.dequantize_row(&self.data[r * rb..(r + 1) * rb], &mut w);
-                for t in 0..self.n {
-                    let x = &self.xs[t * cols..(t + 1) * cols];
-                    let d: f32 = w.iter().zip(x).map(|(a, b)| a * b).sum();
-                    *self.y.add(t * nrows + r) = d;
-                }
-            }
-        })
     }
 }
 
 enum Part<'a> {
     Int(IntJob<'a>),
     Float(FloatJob<'a>),
-    Blocks(BlockJob<'a>),
+    K4(K4Job<'a>),
 }
 
 impl Part<'_> {
-    /// Work units (tiles or rows) and the weight bytes of each.
+    /// Work units (tiles) and the weight bytes of each.
     fn units(&self) -> (usize, usize) {
         match self {
-            Part::Int(j) => (j.t.tiles, j.t.tile_bytes()),
-            Part::Float(j) => (j.ystride, j.cols * if j.bf16 { 2 } else { 4 }),
-            Part::Blocks(j) => (j.m.rows, j.m.qtype.row_bytes(j.m.cols).unwrap()),
+            // A matrix without columns still has rows to write (zeros): cost them a byte.
+            Part::Int(j) => (j.t.tiles, j.t.tile_bytes().max(1)),
+            Part::Float(j) => (j.f.tiles, j.f.tile_bytes().max(1)),
+            Part::K4(j) => (j.k.tiles, j.k.tile_bytes().max(1)),
         }
     }
 
     unsafe fn run(&self, isa: Isa, units: std::ops::Range<usize>) {
         match self {
             Part::Int(j) => int_tiles(isa, j, units),
-            Part::Float(j) => float_rows(isa, j, units),
-            Part::Blocks(j) => j.run(units),
+            Part::Float(j) => float_tiles(isa, j, units),
+            Part::K4(j) => k4_tiles(isa, j, units),
         }
     }
 }

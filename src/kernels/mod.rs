@@ -2,9 +2,12 @@
 //! (rows = output channels, blocks along `cols`) in a runtime layout (`pack`) and multiplies it by
 //! activations.
 //!
-//! * q8_0 / q4_0 / iq4_nl: activations are quantized per block of 32 to int8 with an f32 scale
+//! * q8_0 / q4_0 / iq4_nl / q4_k: activations are quantized per block of 32 to int8 with an f32 scale
 //!   (`act`), then integer dot products per block, scaled and summed in f32.
 //! * bf16 / f32: f32 products and sums, exact to f32 rounding.
+//!
+//! Both are stored in tiles of 16 rows (`pack`), so that each thread streams one contiguous
+//! run of memory and each output row is one vector lane.
 //!
 //! Each type has a scalar reference (`scalar`) and SIMD paths for x86-64 AVX2 (+FMA, F16C),
 //! AVX-512 with VNNI, and aarch64 NEON, chosen once at run time from the CPU's features; the
@@ -12,6 +15,7 @@
 //! a persistent thread pool (`pool`) so that each thread streams one contiguous run of rows.
 
 mod act;
+mod k4;
 mod bandwidth;
 mod pack;
 mod pool;
@@ -28,10 +32,10 @@ mod matrix;
 
 pub use bandwidth::measure_read_bandwidth;
 pub use matrix::Matrix;
-pub use pool::{set_threads, threads};
+pub use pool::{run as parallel_for, set_threads, threads};
 
 use act::QActs;
-use pack::Tiled;
+use pack::{FloatTiles, Tiled};
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -170,13 +174,17 @@ pub(crate) struct IntJob<'a> {
     pub ystride: usize,
 }
 
-/// One float matrix product: row-major bf16 or f32 weights times f32 activations.
+/// One float matrix product: tiled bf16 or f32 weights times f32 activations.
 pub(crate) struct FloatJob<'a> {
-    pub bf16: bool,
+    pub f: &'a FloatTiles,
     pub data: *const u8,
+    /// Real rows; tile rows past this are padding and not stored.
+    pub rows: usize,
     pub cols: usize,
+    /// `[n, cols]`
     pub xs: &'a [f32],
     pub n: usize,
+    /// `y[tok * ystride + row]`
     pub y: *mut f32,
     pub ystride: usize,
 }
@@ -198,16 +206,30 @@ pub(crate) unsafe fn int_tiles(isa: Isa, j: &IntJob, tiles: Range<usize>) {
     }
 }
 
-/// Compute output rows `rows` of `j` on `isa`. The caller guarantees `isa.is_available()`.
-pub(crate) unsafe fn float_rows(isa: Isa, j: &FloatJob, rows: Range<usize>) {
+/// Compute output tiles `tiles` of q4_k job `j` on `isa`. The caller guarantees
+/// `isa.is_available()`.
+pub(crate) unsafe fn k4_tiles(isa: Isa, j: &k4::K4Job, tiles: Range<usize>) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::float_rows(j, rows),
+        Isa::Avx512 => avx512::k4_tiles(j, tiles),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::float_rows(j, rows),
+        Isa::Avx2 => avx2::k4_tiles(j, tiles),
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon => neon::float_rows(j, rows),
-        _ => scalar::float_rows(j, rows),
+        Isa::Neon => neon::k4_tiles(j, tiles),
+        _ => k4::tiles_scalar(j, tiles),
+    }
+}
+
+/// Compute output tiles `tiles` of `j` on `isa`. The caller guarantees `isa.is_available()`.
+pub(crate) unsafe fn float_tiles(isa: Isa, j: &FloatJob, tiles: Range<usize>) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::float_tiles(j, tiles),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::float_tiles(j, tiles),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon::float_tiles(j, tiles),
+        _ => scalar::float_tiles(j, tiles),
     }
 }
 

@@ -11,6 +11,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::pack::{IntKind, TILE};
+use super::k4::{self, K4Job};
 use super::{FloatJob, IntJob};
 use std::arch::aarch64::*;
 use std::ops::Range;
@@ -75,6 +76,37 @@ unsafe fn weights<const NIB: bool>(q: *const u8, g: usize, m: usize, table: int8
     }
 }
 
+/// Per row of 16 (four registers of four), the sum of the products of the block's 32 signed
+/// weights at `q` with the 32 int8 activations at `x`.
+#[inline(always)]
+unsafe fn block_isum<const NIB: bool, const DOT: bool>(q: *const u8, x: *const i32, table: int8x16_t) -> [int32x4_t; 4] {
+    let mut isum = [vdupq_n_s32(0); 4];
+    if DOT {
+        for g in 0..8 {
+            let xg = vreinterpretq_s8_s32(vdupq_n_s32(x.add(g).read_unaligned()));
+            for (m, s) in isum.iter_mut().enumerate() {
+                *s = sdot(*s, weights::<NIB>(q, g, m, table), xg);
+            }
+        }
+    } else {
+        let mut lo = [vdupq_n_s32(0); 4];
+        let mut hi = [vdupq_n_s32(0); 4];
+        for g in 0..8 {
+            let xg = vreinterpretq_s8_s32(vdupq_n_s32(x.add(g).read_unaligned()));
+            for m in 0..4 {
+                let w = weights::<NIB>(q, g, m, table);
+                lo[m] = vpadalq_s16(lo[m], vmull_s8(vget_low_s8(w), vget_low_s8(xg)));
+                hi[m] = vpadalq_s16(hi[m], vmull_high_s8(w, xg));
+            }
+        }
+        for m in 0..4 {
+            // lo = [row 4m pairs a, b; row 4m+1 pairs a, b], hi likewise for 4m+2, 4m+3.
+            isum[m] = vpaddq_s32(lo[m], hi[m]);
+        }
+    }
+    isum
+}
+
 /// Tokens t0..t0+nt (nt <= MAXT) through tile `ti`.
 #[inline(always)]
 unsafe fn tile<const NIB: bool, const DOT: bool>(j: &IntJob, ti: usize, t0: usize, nt: usize) {
@@ -87,12 +119,10 @@ unsafe fn tile<const NIB: bool, const DOT: bool>(j: &IntJob, ti: usize, t0: usiz
     let mut acc = [[vdupq_n_f32(0.0); 4]; MAXT];
     for b in 0..t.nbp {
         let pair = base.add(b / 2 * pb);
-        if b % 2 == 0 {
-            let mut l = 0;
-            while l < pb {
-                prefetch(pair.wrapping_add(PF_INT + l));
-                l += 64;
-            }
+        // Half the pair's lines per block, not all in one burst (see `avx512`).
+        let (lines, h) = (pb / 64, b % 2);
+        for l in h * lines.div_ceil(2)..((h + 1) * lines.div_ceil(2)).min(lines) {
+            prefetch(pair.wrapping_add(PF_INT + 64 * l));
         }
         let q = pair.add(b % 2 * qb);
         let sp = pair.add(2 * qb + b % 2 * TILE * 2);
@@ -101,31 +131,7 @@ unsafe fn tile<const NIB: bool, const DOT: bool>(j: &IntJob, ti: usize, t0: usiz
             *d = half::f16::from_le_bytes([*sp.add(2 * i), *sp.add(2 * i + 1)]).to_f32();
         }
         for (k, a) in acc.iter_mut().enumerate().take(nt) {
-            let x = acts.q_ptr(t0 + k, b) as *const i32;
-            let mut isum = [vdupq_n_s32(0); 4];
-            if DOT {
-                for g in 0..8 {
-                    let xg = vreinterpretq_s8_s32(vdupq_n_s32(x.add(g).read_unaligned()));
-                    for (m, s) in isum.iter_mut().enumerate() {
-                        *s = sdot(*s, weights::<NIB>(q, g, m, table), xg);
-                    }
-                }
-            } else {
-                let mut lo = [vdupq_n_s32(0); 4];
-                let mut hi = [vdupq_n_s32(0); 4];
-                for g in 0..8 {
-                    let xg = vreinterpretq_s8_s32(vdupq_n_s32(x.add(g).read_unaligned()));
-                    for m in 0..4 {
-                        let w = weights::<NIB>(q, g, m, table);
-                        lo[m] = vpadalq_s16(lo[m], vmull_s8(vget_low_s8(w), vget_low_s8(xg)));
-                        hi[m] = vpadalq_s16(hi[m], vmull_high_s8(w, xg));
-                    }
-                }
-                for m in 0..4 {
-                    // lo = [row 4m pairs a, b; row 4m+1 pairs a, b], hi likewise for 4m+2, 4m+3.
-                    isum[m] = vpaddq_s32(lo[m], hi[m]);
-                }
-            }
+            let isum = block_isum::<NIB, DOT>(q, acts.q_ptr(t0 + k, b) as *const i32, table);
             let dx = vdupq_n_f32(*acts.d_ptr(t0 + k).add(b));
             for m in 0..4 {
                 let scale = vmulq_f32(vld1q_f32(dw.as_ptr().add(4 * m)), dx);
@@ -144,72 +150,147 @@ unsafe fn tile<const NIB: bool, const DOT: bool>(j: &IntJob, ti: usize, t0: usiz
     }
 }
 
-pub(crate) unsafe fn float_rows(j: &FloatJob, rows: Range<usize>) {
-    let mut r = rows.start;
-    while r < rows.end {
-        let rr = if j.n < 4 && rows.end - r >= 4 { 4 } else { 1 };
+/// Activation vectors sharing one pass over a float tile (8 accumulators each).
+const MAXT_F: usize = 2;
+
+pub(crate) unsafe fn float_tiles(j: &FloatJob, tiles: Range<usize>) {
+    for ti in tiles {
         let mut t0 = 0;
         while t0 < j.n {
-            let tt = if j.n - t0 >= 4 { 4 } else { 1 };
-            match (j.bf16, rr, tt) {
-                (true, 4, _) => frows::<true, 4, 1>(j, r, t0),
-                (true, _, 4) => frows::<true, 1, 4>(j, r, t0),
-                (true, _, _) => frows::<true, 1, 1>(j, r, t0),
-                (false, 4, _) => frows::<false, 4, 1>(j, r, t0),
-                (false, _, 4) => frows::<false, 1, 4>(j, r, t0),
-                (false, _, _) => frows::<false, 1, 1>(j, r, t0),
+            let m = (j.n - t0).min(MAXT_F);
+            match (j.f.bf16, m) {
+                (true, 1) => ftile::<true, 1>(j, ti, t0),
+                (true, _) => ftile::<true, 2>(j, ti, t0),
+                (false, 1) => ftile::<false, 1>(j, ti, t0),
+                (false, _) => ftile::<false, 2>(j, ti, t0),
             }
-            t0 += tt;
+            t0 += m;
         }
-        r += rr;
     }
 }
 
-/// Four weights as f32; bf16 is the upper half of an f32.
+/// Weights of rows 4m..4m+4 for columns 2c2 and 2c2+1.
 #[inline(always)]
-unsafe fn load_w<const BF: bool>(p: *const u8) -> float32x4_t {
+unsafe fn fpair<const BF: bool>(base: *const u8, c2: usize, m: usize) -> (float32x4_t, float32x4_t) {
     if BF {
-        vreinterpretq_f32_u32(vshlq_n_u32::<16>(vmovl_u16(vld1_u16(p as *const u16))))
+        let v = vld1q_u32(base.add(c2 * 64 + 16 * m) as *const u32);
+        let even = vreinterpretq_f32_u32(vshlq_n_u32::<16>(v));
+        let odd = vreinterpretq_f32_u32(vandq_u32(v, vdupq_n_u32(0xffff_0000)));
+        (even, odd)
     } else {
-        vld1q_f32(p as *const f32)
+        let p = base.add(c2 * 128 + 16 * m);
+        (vld1q_f32(p as *const f32), vld1q_f32(p.add(64) as *const f32))
     }
 }
 
+/// Tokens t0..t0+T through float tile `ti`; accumulators per token, row quarter, column parity.
 #[inline(always)]
-unsafe fn frows<const BF: bool, const R: usize, const T: usize>(j: &FloatJob, r0: usize, t0: usize) {
-    let es = if BF { 2 } else { 4 };
-    let stride = j.cols * es;
-    let w0 = j.data.add(r0 * stride);
+unsafe fn ftile<const BF: bool, const T: usize>(j: &FloatJob, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.f.tile_bytes());
     let x0 = j.xs.as_ptr().add(t0 * j.cols);
-    let mut acc = [[vdupq_n_f32(0.0); T]; R];
-    let full = j.cols / 4 * 4;
-    let mut c = 0;
-    while c < full {
-        let mut x = [vdupq_n_f32(0.0); T];
-        for (k, v) in x.iter_mut().enumerate() {
-            *v = vld1q_f32(x0.add(k * j.cols + c));
+    let mut acc = [[[vdupq_n_f32(0.0); 2]; 4]; T];
+    let step = if BF { 64 } else { 128 };
+    for c2 in 0..j.cols / 2 {
+        prefetch(base.add(c2 * step).wrapping_add(PF_INT));
+        if !BF {
+            prefetch(base.add(c2 * step).wrapping_add(PF_INT + 64));
         }
-        for (r, a) in acc.iter_mut().enumerate() {
-            let w = load_w::<BF>(w0.add(r * stride + c * es));
+        for m in 0..4 {
+            let (we, wo) = fpair::<BF>(base, c2, m);
             for k in 0..T {
-                a[k] = vfmaq_f32(a[k], w, x[k]);
+                let x = x0.add(k * j.cols + 2 * c2);
+                acc[k][m][0] = vfmaq_f32(acc[k][m][0], we, vdupq_n_f32(*x));
+                acc[k][m][1] = vfmaq_f32(acc[k][m][1], wo, vdupq_n_f32(*x.add(1)));
             }
         }
-        c += 4;
     }
-    for (r, a) in acc.iter().enumerate() {
-        for k in 0..T {
-            let mut s = vaddvq_f32(a[k]);
-            for cc in full..j.cols {
-                let p = w0.add(r * stride + cc * es);
-                let w = if BF {
-                    f32::from_bits((p.cast::<u16>().read_unaligned() as u32) << 16)
-                } else {
-                    p.cast::<f32>().read_unaligned()
-                };
-                s += w * *x0.add(k * j.cols + cc);
+    if j.cols % 2 == 1 {
+        let c = j.cols - 1;
+        for m in 0..4 {
+            let w = if BF {
+                let v = vld1q_u32(base.add(c / 2 * 64 + 16 * m) as *const u32);
+                vreinterpretq_f32_u32(vshlq_n_u32::<16>(v))
+            } else {
+                vld1q_f32(base.add(c * 64 + 16 * m) as *const f32)
+            };
+            for k in 0..T {
+                acc[k][m][0] = vfmaq_f32(acc[k][m][0], w, vdupq_n_f32(*x0.add(k * j.cols + c)));
             }
-            *j.y.add((t0 + k) * j.ystride + r0 + r) = s;
         }
+    }
+    let r0 = ti * TILE;
+    let valid = (j.rows - r0).min(TILE);
+    for k in 0..T {
+        let mut out = [0f32; TILE];
+        for m in 0..4 {
+            vst1q_f32(out.as_mut_ptr().add(4 * m), vaddq_f32(acc[k][m][0], acc[k][m][1]));
+        }
+        std::ptr::copy_nonoverlapping(out.as_ptr(), j.y.add((t0 + k) * j.ystride + r0), valid);
+    }
+}
+
+pub(crate) unsafe fn k4_tiles(j: &K4Job, tiles: Range<usize>) {
+    let dot = std::arch::is_aarch64_feature_detected!("dotprod");
+    for ti in tiles {
+        let mut t0 = 0;
+        while t0 < j.acts.n {
+            let m = (j.acts.n - t0).min(MAXT);
+            if dot {
+                k4_tile_dot(j, ti, t0, m)
+            } else {
+                k4_tile::<false>(j, ti, t0, m)
+            }
+            t0 += m;
+        }
+    }
+}
+
+#[target_feature(enable = "dotprod")]
+unsafe fn k4_tile_dot(j: &K4Job, ti: usize, t0: usize, nt: usize) {
+    k4_tile::<true>(j, ti, t0, nt)
+}
+
+/// Tokens t0..t0+nt through q4_k tile `ti` (see `k4`).
+#[inline(always)]
+unsafe fn k4_tile<const DOT: bool>(j: &K4Job, ti: usize, t0: usize, nt: usize) {
+    let base = j.data.add(ti * j.k.tile_bytes());
+    let table = vld1q_s8(k4::TABLE.as_ptr());
+    let acts = j.acts;
+    let f16 = |p: *const u8, i: usize| half::f16::from_le_bytes([*p.add(2 * i), *p.add(2 * i + 1)]).to_f32();
+    let mut acc = [[vdupq_n_f32(0.0); 4]; MAXT];
+    for s in 0..j.k.nsb {
+        let sb = base.add(s * k4::SB_BYTES);
+        for sub in 0..k4::SUB {
+            for l in k4::PF_LINES * sub..(k4::PF_LINES * (sub + 1)).min(k4::SB_BYTES / 64) {
+                prefetch(sb.wrapping_add(k4::PF + 64 * l));
+            }
+            let b = s * k4::SUB + sub;
+            let mut dsc = [0f32; TILE];
+            // The offset of q - 8 (see `k4`).
+            let mut mn = [0f32; TILE];
+            for i in 0..TILE {
+                dsc[i] = f16(sb.add(k4::D_OFF), i) * *sb.add(k4::SC_OFF + sub * TILE + i) as f32;
+                mn[i] = f16(sb.add(k4::DMIN_OFF), i) * *sb.add(k4::M_OFF + sub * TILE + i) as f32 - 8.0 * dsc[i];
+            }
+            for (k, a) in acc.iter_mut().enumerate().take(nt) {
+                let isum = block_isum::<true, DOT>(sb.add(sub * 256), acts.q_ptr(t0 + k, b) as *const i32, table);
+                let dx = vdupq_n_f32(*acts.d_ptr(t0 + k).add(b));
+                let xs = vdupq_n_f32(*acts.s_ptr(t0 + k).add(b));
+                for m in 0..4 {
+                    let scale = vmulq_f32(vld1q_f32(dsc.as_ptr().add(4 * m)), dx);
+                    a[m] = vfmaq_f32(a[m], vcvtq_f32_s32(isum[m]), scale);
+                    a[m] = vfmsq_f32(a[m], vld1q_f32(mn.as_ptr().add(4 * m)), xs);
+                }
+            }
+        }
+    }
+    let r0 = ti * TILE;
+    let valid = (j.rows - r0).min(TILE);
+    for (k, a) in acc.iter().enumerate().take(nt) {
+        let mut out = [0f32; TILE];
+        for m in 0..4 {
+            vst1q_f32(out.as_mut_ptr().add(4 * m), a[m]);
+        }
+        std::ptr::copy_nonoverlapping(out.as_ptr(), j.y.add((t0 + k) * j.ystride + r0), valid);
     }
 }

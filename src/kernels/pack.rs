@@ -1,6 +1,6 @@
-//! Runtime layouts. Float matrices stay row-major. Blocked integer matrices are repacked into
-//! *tiles* of 16 rows, so that one 512-bit register holds the same four weights of 16 rows and an
-//! integer dot-product instruction leaves one row's partial sum in each 32-bit lane: no horizontal
+//! Runtime layouts. Every matrix is repacked into *tiles* of 16 rows (bf16 / f32: see
+//! `FloatTiles`), so that one 512-bit register holds the same four bytes of weights of 16 rows
+//! and one instruction leaves one row's partial sum in each 32-bit lane: no horizontal
 //! reductions, and a tile's row scales load as one vector.
 //!
 //! A tile is a run of *pairs* of blocks; a pair is `[quants of block 2p][quants of block 2p+1]
@@ -15,7 +15,7 @@
 //!   block (see `act`).
 //! * q4_0 / iq4_nl: byte `k*64 + i*4 + j` (k < 4, j < 4) holds the nibble of weight `4k+j` low and
 //!   of weight `4k+j+16` high, which is ggml's byte `4k+j` of row `i`'s block, moved as a whole.
-//!   Kernels map nibbles to values through a 16-entry table (`nibble_table`).
+//!   Kernels map nibbles to values through a 16-entry table (`Tiled::table`).
 
 use crate::quant::{QuantType, IQ4_NL_GRID, QK};
 use std::alloc::{self, Layout};
@@ -225,37 +225,47 @@ pub(crate) fn pack_tiles(
     debug_assert_eq!(out.len() % tb, 0);
     debug_assert_eq!(bytes.len(), rows * rb);
     let (qb, pb) = (t.qbytes(), t.pair_bytes());
+    if tb == 0 {
+        return; // no columns
+    }
     for (ti, tile) in out.chunks_exact_mut(tb).enumerate() {
         let ti = first + ti;
-        // Each source row is read in order; the tile being written (tens of KiB) stays in cache.
-        for i in 0..TILE {
-            let r = ti * TILE + i;
-            if r >= rows {
-                pad(t, tile, i, 0);
-                continue;
-            }
-            let src = &bytes[r * rb..(r + 1) * rb];
-            for (b, blk) in src.chunks_exact(bb).enumerate() {
-                let pair = &mut tile[b / 2 * pb..(b / 2 + 1) * pb];
-                let (h, q) = (b % 2, &blk[2..]);
-                let so = 2 * qb + h * TILE * 2 + i * 2;
-                pair[so..so + 2].copy_from_slice(&blk[..2]);
-                let quants = &mut pair[h * qb..(h + 1) * qb];
-                match t.kind {
-                    IntKind::Q8 => {
-                        for (g, w) in q.chunks_exact(4).enumerate() {
-                            let w = u32::from_le_bytes([w[0], w[1], w[2], w[3]]) ^ 0x8080_8080;
-                            quants[g * 64 + i * 4..g * 64 + i * 4 + 4].copy_from_slice(&w.to_le_bytes());
-                        }
+        let real = rows.saturating_sub(ti * TILE).min(TILE);
+        assert!(bytes.len() >= (ti * TILE + real) * rb && tile.len() >= nb.div_ceil(2) * pb);
+        let tile_ptr = tile.as_mut_ptr();
+        // Safety: the reads stay in rows ti*16 .. ti*16+real and the writes in pair b / 2,
+        // which the assert above covers.
+        let copy = |b: usize, i: usize| unsafe {
+            let pair = tile_ptr.add(b / 2 * pb);
+            let h = b % 2;
+            let src = bytes.as_ptr().add((ti * TILE + i) * rb + b * bb);
+            std::ptr::copy_nonoverlapping(src, pair.add(2 * qb + h * TILE * 2 + i * 2), 2);
+            let quants = pair.add(h * qb + i * 4);
+            let q = src.add(2);
+            match t.kind {
+                IntKind::Q8 => {
+                    for g in 0..QK / 4 {
+                        let w = q.add(4 * g).cast::<u32>().read_unaligned() ^ 0x8080_8080;
+                        quants.add(g * 64).cast::<u32>().write_unaligned(w);
                     }
-                    IntKind::Nib => {
-                        for (k, w) in q.chunks_exact(4).enumerate() {
-                            quants[k * 64 + i * 4..k * 64 + i * 4 + 4].copy_from_slice(w);
-                        }
+                }
+                IntKind::Nib => {
+                    for k in 0..QK / 8 {
+                        let w = q.add(4 * k).cast::<u32>().read_unaligned();
+                        quants.add(k * 64).cast::<u32>().write_unaligned(w);
                     }
                 }
             }
-            pad(t, tile, i, nb);
+        };
+        // The faster order, measured: q8_0 fills each 64-byte line of the tile while it is in
+        // L1 (block by block, 16 rows each); the 4-bit types read each source row through.
+        if t.kind == IntKind::Q8 {
+            (0..nb).for_each(|b| (0..real).for_each(|i| copy(b, i)));
+        } else {
+            (0..real).for_each(|i| (0..nb).for_each(|b| copy(b, i)));
+        }
+        for i in 0..TILE {
+            pad(t, tile, i, if i < real { nb } else { 0 });
         }
     }
 }
@@ -286,5 +296,72 @@ pub(crate) fn unpack_row(t: &Tiled, data: &[u8], r: usize, cols: usize, out: &mu
         for (e, o) in y.iter_mut().enumerate() {
             *o = d * t.quant(q, i, e) as f32;
         }
+    }
+}
+
+/// Float matrices use tiles of 16 rows too: group `g` of a tile is 64 bytes, four per row `i` at
+/// `g*64 + i*4`, holding bf16 columns `2g` (low half) and `2g+1` (high half), or f32 column `g`.
+/// A thread then reads one linear stream, as for the integer types, instead of one per row, and
+/// each output row is one vector lane.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FloatTiles {
+    pub bf16: bool,
+    /// Groups per tile row: columns / 2 (rounded up) for bf16, columns for f32.
+    pub groups: usize,
+    pub tiles: usize,
+}
+
+impl FloatTiles {
+    pub(crate) fn new(bf16: bool, rows: usize, cols: usize) -> FloatTiles {
+        let groups = if bf16 { cols.div_ceil(2) } else { cols };
+        FloatTiles { bf16, groups, tiles: rows.div_ceil(TILE) }
+    }
+
+    pub(crate) fn tile_bytes(&self) -> usize {
+        self.groups * 64
+    }
+
+    /// Weight `(i, c)` of a tile, as f32.
+    #[inline]
+    pub(crate) fn weight(&self, tile: &[u8], i: usize, c: usize) -> f32 {
+        if self.bf16 {
+            let at = c / 2 * 64 + i * 4 + c % 2 * 2;
+            f32::from_bits((u16::from_le_bytes([tile[at], tile[at + 1]]) as u32) << 16)
+        } else {
+            let at = c * 64 + i * 4;
+            f32::from_le_bytes([tile[at], tile[at + 1], tile[at + 2], tile[at + 3]])
+        }
+    }
+}
+
+/// Repack row-major bf16 / f32 rows (`bytes`) of tiles `first..` into `out`, whole tiles, zeroed
+/// or holding an earlier packing of the same shape (padding is never written).
+pub(crate) fn pack_float_tiles(f: &FloatTiles, rows: usize, cols: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
+    let es = if f.bf16 { 2 } else { 4 };
+    let tb = f.tile_bytes();
+    if tb == 0 {
+        return; // no columns
+    }
+    for (ti, tile) in out.chunks_exact_mut(tb).enumerate() {
+        for i in 0..TILE {
+            let r = (first + ti) * TILE + i;
+            if r >= rows {
+                break;
+            }
+            let src = &bytes[r * cols * es..(r + 1) * cols * es];
+            // Either two bf16 columns or one f32 column per group: four bytes in both cases,
+            // except a final lone bf16 column.
+            for (g, w) in src.chunks(4).enumerate() {
+                tile[g * 64 + i * 4..g * 64 + i * 4 + w.len()].copy_from_slice(w);
+            }
+        }
+    }
+}
+
+/// Row `r` of a float-tiled matrix as f32.
+pub(crate) fn unpack_float_row(f: &FloatTiles, data: &[u8], r: usize, out: &mut [f32]) {
+    let tile = &data[r / TILE * f.tile_bytes()..(r / TILE + 1) * f.tile_bytes()];
+    for (c, o) in out.iter_mut().enumerate() {
+        *o = f.weight(tile, r % TILE, c);
     }
 }

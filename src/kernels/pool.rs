@@ -9,12 +9,12 @@
 use std::cell::UnsafeCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, TryLockError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// After a job, spin this long (cheapest wake-up) ...
-const SPIN: Duration = Duration::from_micros(300);
+const SPIN: Duration = Duration::from_micros(200);
 /// ... then yield the core to others for this long before sleeping.
 const YIELD: Duration = Duration::from_millis(3);
 
@@ -30,18 +30,22 @@ pub fn set_threads(n: usize) {
 
 /// The number of threads the kernels use.
 pub fn threads() -> usize {
-    match WANTED.load(Ordering::SeqCst) {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    // Asked once: the standard library reads cgroup files to answer, tens of microseconds.
+    static CORES: OnceLock<usize> = OnceLock::new();
+    match WANTED.load(Ordering::Relaxed) {
+        0 => *CORES.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         n => n,
     }
 }
 
 type Job<'a> = &'a (dyn Fn(usize) + Sync);
 
-/// Run `job(c)` for every chunk c in 0..chunks, spread over `threads()` threads, and return when
-/// all are done. Threads take chunks in order from a shared counter, so a thread that the OS has
-/// not scheduled (a busy machine) leaves its share to the others instead of stalling the call.
-pub(crate) fn run(chunks: usize, job: Job<'_>) {
+/// Run `job(c)` for every chunk c in 0..chunks, spread over `threads()` threads (the caller's
+/// included), and return when all are done. Threads take chunks in order from a shared counter,
+/// so a thread that the OS has not scheduled (a busy machine) leaves its share to the others
+/// instead of stalling the call. This is the pool the matrix kernels use: other parallel work of
+/// the model can share it instead of oversubscribing the cores with a second pool.
+pub fn run(chunks: usize, job: Job<'_>) {
     let want = threads();
     if want <= 1 || chunks <= 1 {
         return (0..chunks).for_each(job);

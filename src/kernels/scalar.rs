@@ -36,23 +36,23 @@ pub(crate) unsafe fn int_tiles(j: &IntJob, tiles: Range<usize>) {
     }
 }
 
-pub(crate) unsafe fn float_rows(j: &FloatJob, rows: Range<usize>) {
-    let es = if j.bf16 { 2 } else { 4 };
-    for r in rows {
-        let w = std::slice::from_raw_parts(j.data.add(r * j.cols * es), j.cols * es);
-        for tok in 0..j.n {
-            let x = &j.xs[tok * j.cols..(tok + 1) * j.cols];
-            let mut s = 0f32;
-            if j.bf16 {
-                for (b, xv) in w.chunks_exact(2).zip(x) {
-                    s += f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16) * xv;
-                }
-            } else {
-                for (b, xv) in w.chunks_exact(4).zip(x) {
-                    s += f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * xv;
-                }
+pub(crate) unsafe fn float_tiles(j: &FloatJob, tiles: Range<usize>) {
+    let tb = j.f.tile_bytes();
+    for ti in tiles {
+        let tile = std::slice::from_raw_parts(j.data.add(ti * tb), tb);
+        for i in 0..TILE {
+            let r = ti * TILE + i;
+            if r >= j.rows {
+                break;
             }
-            *j.y.add(tok * j.ystride + r) = s;
+            for tok in 0..j.n {
+                let x = &j.xs[tok * j.cols..(tok + 1) * j.cols];
+                let mut s = 0f32;
+                for (c, xv) in x.iter().enumerate() {
+                    s += j.f.weight(tile, i, c) * xv;
+                }
+                *j.y.add(tok * j.ystride + r) = s;
+            }
         }
     }
 }
