@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
@@ -439,6 +440,7 @@ pub fn convert(
                 w.pad_to(CHUNK_ALIGN)?;
                 let start = w.pos();
                 let mut item_hash = Sha256::new();
+                let is_expert = matches!(item.kind, ItemKind::Expert { .. });
                 let mut tensors = Vec::new();
                 for (pi, part) in item.parts.iter().enumerate() {
                     let mut th = Sha256::new();
@@ -446,12 +448,16 @@ pub fn convert(
                         let pc = &pieces[next_piece];
                         debug_assert!(pc.item == ii && pc.part == pi);
                         let out = rx.recv().map_err(|_| Error::Invalid("quantization stopped".into()))??;
-                        w.write(&out.stored)?;
                         int8_blocks_kept += out.int8_blocks_kept;
-                        item_hash.update(&out.stored);
-                        let raw = out.raw.as_deref().unwrap_or(&out.stored);
+                        let stored = Arc::new(out.stored);
+                        w.write_shared(stored.clone())?;
+                        let raw = out.raw.as_deref().unwrap_or(&stored);
                         let tensor_bytes = (pc.nrows * part.row_bytes).min(raw.len());
                         th.update(&raw[..tensor_bytes]);
+                        if is_expert {
+                            // A dense item is one tensor: its hash is the tensor's.
+                            item_hash.update(&stored[..]);
+                        }
                         progress(Progress::Advance {
                             input_bytes: part.input_bytes * pc.nrows as u64 / part.rows as u64,
                         });
@@ -467,7 +473,7 @@ pub fn convert(
                     tensors.push((part, hex::encode(th.finalize())));
                 }
                 let stored = w.pos() - start;
-                let item_sha = hex::encode(item_hash.finalize());
+                let item_sha = if is_expert { hex::encode(item_hash.finalize()) } else { tensors[0].1.clone() };
                 match item.kind {
                     ItemKind::Dense(t) => {
                         let (part, _) = &tensors[0];

@@ -99,6 +99,30 @@ impl ConvertedModel {
         Ok(DenseView { qtype: e.qtype, shape: &e.shape, bytes })
     }
 
+    /// Drop the pages of every mapped shard from this process's memory (they are re-read from
+    /// the file if touched again): after the dense weights have been copied into their runtime
+    /// layout, the mapped copy would otherwise count twice against the memory the model uses.
+    pub fn release_mapped_pages(&self) {
+        for m in self.maps.iter().filter_map(|m| m.get()) {
+            // SAFETY: read-only file mappings; dropped pages are re-read from the file.
+            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
+    /// `release_mapped_pages` for one dense tensor's bytes, once they have been copied.
+    pub fn release_dense(&self, name: &str) {
+        let Some(e) = self.manifest.dense_entry(name) else { return };
+        let Some(m) = self.maps[e.shard].get() else { return };
+        let page = 4096u64;
+        let (start, end) = (e.offset.div_ceil(page) * page, (e.offset + e.bytes) / page * page);
+        if end > start {
+            // SAFETY: as in `release_mapped_pages`.
+            let _ = unsafe {
+                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start as usize, (end - start) as usize)
+            };
+        }
+    }
+
     pub fn expert_chunk(&self, layer: usize, expert: usize) -> &ExpertChunk {
         &self.manifest.experts[self.expert_index[layer * self.manifest.config.n_experts + expert]]
     }

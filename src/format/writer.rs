@@ -4,6 +4,9 @@
 use crate::error::{Error, IoContext, Result};
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -37,15 +40,15 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Appends to one shard under its temporary name, hashing everything written.
+/// Appends to one shard under its temporary name, hashing everything written. Writing and the
+/// shard's hash run on a thread of their own, so the caller can hash and prepare the next bytes
+/// at the same time.
 pub struct ShardWriter {
     path: PathBuf,
     tmp: PathBuf,
-    file: Option<std::io::BufWriter<File>>,
-    hasher: Sha256,
+    tx: Option<SyncSender<Arc<Vec<u8>>>>,
+    sink: Option<JoinHandle<Result<(File, Sha256)>>>,
     pos: u64,
-    /// Bytes handed to the kernel for writeback so far (see `write`).
-    flushed: u64,
     finished: bool,
 }
 
@@ -53,21 +56,50 @@ pub struct ShardWriter {
 /// disk writes while we compute instead of after.
 const WRITEBACK_STEP: u64 = 32 << 20;
 
-const ZEROS: [u8; 4096] = [0; 4096];
+/// The writer thread: append, hash, and hand finished ranges to the kernel for writeback.
+fn sink(tmp: PathBuf, file: File, rx: Receiver<Arc<Vec<u8>>>) -> Result<(File, Sha256)> {
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut hasher = Sha256::new();
+    let (mut pos, mut flushed) = (0u64, 0u64);
+    let io_error = |e: std::io::Error| {
+        let hint = if e.raw_os_error() == Some(libc::ENOSPC) { " (disk full)" } else { "" };
+        Error::bad_file(&tmp, format!("write failed{hint}: {e}"))
+    };
+    for bytes in rx {
+        out.write_all(&bytes).map_err(io_error)?;
+        hasher.update(&bytes[..]);
+        pos += bytes.len() as u64;
+        if pos - flushed >= WRITEBACK_STEP {
+            out.flush().map_err(io_error)?;
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::unix::io::AsRawFd;
+                // SAFETY: a plain syscall on a file descriptor we own; it only schedules I/O.
+                unsafe {
+                    libc::sync_file_range(
+                        out.get_ref().as_raw_fd(),
+                        flushed as i64,
+                        (pos - flushed) as i64,
+                        libc::SYNC_FILE_RANGE_WRITE,
+                    );
+                }
+            }
+            flushed = pos;
+        }
+    }
+    let file = out.into_inner().map_err(|e| io_error(e.into_error()))?;
+    file.sync_all().map_err(io_error)?;
+    Ok((file, hasher))
+}
 
 impl ShardWriter {
     pub fn create(path: &Path) -> Result<ShardWriter> {
         let tmp = tmp_path(path);
         let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).at(&tmp)?;
-        Ok(ShardWriter {
-            path: path.to_path_buf(),
-            tmp,
-            file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
-            hasher: Sha256::new(),
-            pos: 0,
-            flushed: 0,
-            finished: false,
-        })
+        let (tx, rx) = sync_channel(16);
+        let t = tmp.clone();
+        let sink = std::thread::spawn(move || sink(t, file, rx));
+        Ok(ShardWriter { path: path.to_path_buf(), tmp, tx: Some(tx), sink: Some(sink), pos: 0, finished: false })
     }
 
     pub fn pos(&self) -> u64 {
@@ -75,71 +107,53 @@ impl ShardWriter {
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.file.as_mut().unwrap().write_all(bytes).map_err(|e| self.io_error(e))?;
-        self.hasher.update(bytes);
-        self.pos += bytes.len() as u64;
-        if self.pos - self.flushed >= WRITEBACK_STEP {
-            self.start_writeback()?;
+        self.write_shared(Arc::new(bytes.to_vec()))
+    }
+
+    /// Append bytes the caller may go on reading (hashing) while they are written.
+    pub fn write_shared(&mut self, bytes: Arc<Vec<u8>>) -> Result<()> {
+        let n = bytes.len() as u64;
+        if self.tx.as_ref().unwrap().send(bytes).is_err() {
+            // The writer thread stopped on an error: report it.
+            return Err(self.join().err().unwrap_or_else(|| Error::bad_file(&self.tmp, "writer stopped")));
         }
+        self.pos += n;
         Ok(())
     }
 
-    /// Ask the kernel to start writing what we have written so far, without waiting for it.
-    fn start_writeback(&mut self) -> Result<()> {
-        let buf = self.file.as_mut().unwrap();
-        buf.flush().map_err(|e| self.io_error(e))?;
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::io::AsRawFd;
-            let fd = self.file.as_ref().unwrap().get_ref().as_raw_fd();
-            // SAFETY: a plain syscall on a file descriptor we own; it only schedules I/O.
-            unsafe {
-                libc::sync_file_range(
-                    fd,
-                    self.flushed as i64,
-                    (self.pos - self.flushed) as i64,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                );
-            }
+    fn join(&mut self) -> Result<(File, Sha256)> {
+        self.tx.take();
+        match self.sink.take().map(|h| h.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::bad_file(&self.tmp, "writer thread panicked")),
+            None => Err(Error::bad_file(&self.tmp, "writer already finished")),
         }
-        self.flushed = self.pos;
-        Ok(())
     }
 
     /// Zero-fill up to the next multiple of `align`.
     pub fn pad_to(&mut self, align: u64) -> Result<()> {
-        let mut n = super::align_up(self.pos, align) - self.pos;
-        while n > 0 {
-            let k = n.min(ZEROS.len() as u64) as usize;
-            self.write(&ZEROS[..k])?;
-            n -= k as u64;
+        let n = super::align_up(self.pos, align) - self.pos;
+        if n > 0 {
+            self.write_shared(Arc::new(vec![0u8; n as usize]))?;
         }
         Ok(())
     }
 
-    fn io_error(&self, e: std::io::Error) -> Error {
-        let hint = if e.raw_os_error() == Some(libc::ENOSPC) { " (disk full)" } else { "" };
-        Error::bad_file(&self.tmp, format!("write failed{hint}: {e}"))
-    }
-
     /// Flush, fsync and rename into place. Returns (bytes, sha256).
     pub fn finish(mut self) -> Result<(u64, String)> {
-        let buf = self.file.take().unwrap();
-        let file = buf.into_inner().map_err(|e| self.io_error(e.into_error()))?;
-        file.sync_all().map_err(|e| self.io_error(e))?;
+        let (file, hasher) = self.join()?;
         drop(file);
         std::fs::rename(&self.tmp, &self.path).at(&self.path)?;
         self.finished = true;
         fsync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
-        let hash = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        Ok((self.pos, hash))
+        Ok((self.pos, hex::encode(hasher.finalize())))
     }
 }
 
 impl Drop for ShardWriter {
     /// An unfinished shard never survives under any name.
     fn drop(&mut self) {
-        drop(self.file.take());
+        let _ = self.join();
         if !self.finished {
             let _ = std::fs::remove_file(&self.tmp);
         }

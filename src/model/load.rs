@@ -14,8 +14,10 @@ fn dense_matrix(m: &ConvertedModel, t: Tensor) -> Result<Matrix> {
     if v.shape.len() != 2 {
         return Err(Error::bad_tensor(t.to_string(), format!("expected a matrix, found shape {:?}", v.shape)));
     }
-    Matrix::from_bytes(v.qtype, v.shape[0], v.shape[1], v.bytes)
-        .map_err(|e| Error::bad_tensor(t.to_string(), e.to_string()))
+    let matrix = Matrix::from_bytes(v.qtype, v.shape[0], v.shape[1], v.bytes)
+        .map_err(|e| Error::bad_tensor(t.to_string(), e.to_string()));
+    m.release_dense(&t.to_string());
+    matrix
 }
 
 fn dense_f32(m: &ConvertedModel, t: Tensor) -> Result<Vec<f32>> {
@@ -94,6 +96,7 @@ fn load(m: &ConvertedModel, with_experts: bool, progress: &mut dyn FnMut(u64)) -
         layers,
     };
     progress(w.embedding.nbytes() as u64);
+    m.release_mapped_pages();
     w.check(&c)?;
     Ok(w)
 }

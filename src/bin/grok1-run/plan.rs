@@ -29,6 +29,9 @@ pub struct PlanArgs {
     /// Dense type.
     #[arg(long, default_value = "q8")]
     dense: QuantType,
+    /// RAM kept for the OS, activations and the program (default: the cost model's).
+    #[arg(long, value_parser = crate::parse_size_arg)]
+    ram_reserve: Option<u64>,
     /// Plan for a converted model instead of Grok-1.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -57,7 +60,11 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     if let Some(x) = a.gpu_bw {
         hw.gpu_gbps = x;
     }
-    let p = make_plan(&PlanInput::new(config, experts, dense, hw))?;
+    let mut input = PlanInput::new(config, experts, dense, hw);
+    if let Some(r) = a.ram_reserve {
+        input.ram_reserve = r;
+    }
+    let p = make_plan(&input)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&p)?);
     } else {
