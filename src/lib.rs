@@ -9,6 +9,7 @@
 //! format       chunks, shards, sha256, manifest written last; reader and verifier
 //! convert      the parallel, resumable pipeline that ties the three above together
 //! kernels      dot products and matrix products per CPU feature set
+//! gpu          dense weights and hot experts on an NVIDIA GPU (feature `cuda`)
 //! model        the Grok-1 forward pass, readable top to bottom
 //! tokenizer    SentencePiece BPE, text in, text out
 //! ```
@@ -20,6 +21,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod format;
+pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod npy;
