@@ -71,7 +71,7 @@ pub(crate) fn probe() -> std::result::Result<GpuInfo, String> {
 impl Gpu {
     /// Open the first GPU and compile and load the kernels for it.
     pub fn new() -> Result<Gpu> {
-        let Found { ctx, info } = find().map_err(|why| Error::Gpu(format!("no usable GPU: {why}")))?;
+        let Found { ctx, info } = find().map_err(|why| Error::Gpu(format!("no usable device: {why}")))?;
         let arch = nvrtc::ARCHS.iter().copied().find(|a| *a == info.arch).expect("arch comes from ARCHS");
         let ptx = nvrtc::compile(arch)?;
         let module = ctx.load_module(ptx).map_err(gpu_err("loading the kernel module"))?;

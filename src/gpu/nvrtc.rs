@@ -29,28 +29,45 @@ pub const ARCHS: [&str; 8] = [
     "compute_120",
 ];
 
+/// Open a library by full path for the life of the process.
+fn dlopen_global(path: &std::path::Path) -> std::result::Result<(), String> {
+    let shown = path.display().to_string();
+    let c = CString::new(shown.clone()).map_err(|_| format!("{shown}: not a path"))?;
+    // SAFETY: dlopen with a valid C string; the handle is deliberately never closed, so the
+    // library stays mapped for whoever looks it up again by soname.
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    if h.is_null() {
+        // SAFETY: dlerror returns a thread-local C string or null.
+        let why = unsafe {
+            let e = libc::dlerror();
+            if e.is_null() {
+                "unknown error".to_string()
+            } else {
+                std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
+            }
+        };
+        return Err(format!("{shown} does not load: {why}"));
+    }
+    Ok(())
+}
+
+/// With [`NVRTC_ENV`] set, open that library, and before it its `libnvrtc-builtins` from the
+/// same folder: NVRTC opens the builtins by bare name at its first compile, which only finds
+/// them on the loader's path or, as here, already loaded.
 fn preload() -> &'static std::result::Result<(), String> {
     static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     DONE.get_or_init(|| {
         let Some(path) = std::env::var_os(NVRTC_ENV) else { return Ok(()) };
-        let shown = path.to_string_lossy().into_owned();
-        let c = CString::new(shown.clone()).map_err(|_| format!("{NVRTC_ENV}={shown}: not a path"))?;
-        // SAFETY: dlopen with a valid C string; the handle is deliberately never closed, so the
-        // library stays mapped for cudarc, which looks it up again by soname.
-        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-        if h.is_null() {
-            // SAFETY: dlerror returns a thread-local C string or null.
-            let why = unsafe {
-                let e = libc::dlerror();
-                if e.is_null() {
-                    "unknown error".to_string()
-                } else {
-                    std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
-                }
-            };
-            return Err(format!("{NVRTC_ENV}={shown} does not load: {why}"));
+        let path = std::path::PathBuf::from(path);
+        if let Some(dir) = path.parent() {
+            let builtins = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libnvrtc-builtins.so"))
+            });
+            for b in builtins {
+                dlopen_global(&b).map_err(|e| format!("{NVRTC_ENV}: {e}"))?;
+            }
         }
-        Ok(())
+        dlopen_global(&path).map_err(|e| format!("{NVRTC_ENV}: {e}"))
     })
 }
 
@@ -129,4 +146,26 @@ pub fn compile(arch: &'static str) -> Result<Ptx> {
         )),
         other => Error::Gpu(format!("NVRTC failed for {arch}: {other}")),
     })
+}
+
+/// Compile for a real architecture (e.g. `sm_90`) with ptxas's verbose report, and return the
+/// compiler log: registers, shared memory and spills per kernel. A build-time check only; the
+/// runtime loads PTX.
+pub fn assemble_report(sm: &str) -> Result<String> {
+    use cudarc::nvrtc::result;
+    present().map_err(Error::Gpu)?;
+    let src = CString::new(source::program()).expect("sources hold no NUL");
+    let name = CString::new("grok1_kernels.cu").expect("no NUL");
+    let prog = result::create_program(&src, Some(&name)).map_err(|e| Error::Gpu(format!("nvrtcCreateProgram: {e:?}")))?;
+    let opts = vec![format!("--gpu-architecture={sm}"), "--ptxas-options=-v".to_string(), "--std=c++17".to_string()];
+    // SAFETY: `prog` is a live program; options are plain strings.
+    let compiled = unsafe { result::compile_program(prog, &opts) };
+    // SAFETY: as above; the log exists after a compile attempt.
+    let log = unsafe { result::get_program_log(prog) }
+        .map(|l| unsafe { std::ffi::CStr::from_ptr(l.as_ptr()) }.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // SAFETY: destroyed once, not used after.
+    let _ = unsafe { result::destroy_program(prog) };
+    compiled.map_err(|e| Error::Gpu(format!("NVRTC could not assemble for {sm}: {e:?}\n{log}")))?;
+    Ok(log)
 }
