@@ -1,6 +1,7 @@
 //! Kernels on a real GPU against the CPU reference. Every test takes the one shared `Gpu` (behind
 //! a lock: the tests share its stream) and skips with a printed reason when there is none.
 
+mod bench;
 mod matrices;
 mod ops;
 mod upload;

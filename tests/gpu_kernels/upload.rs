@@ -9,7 +9,7 @@ use grok1::gpu::plan::ModelBytes;
 use grok1::gpu::{DenseWeights, DeviceExpert, DeviceMatrix};
 use grok1::kernels::Matrix;
 use grok1::quant::QuantType;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn check(gpu: &grok1::gpu::Gpu, what: &str, d: &DeviceMatrix, c: &Matrix) {
     assert_eq!((d.rows, d.cols, d.qtype), (c.rows, c.cols, c.qtype), "{what}");
@@ -26,7 +26,10 @@ fn check(gpu: &grok1::gpu::Gpu, what: &str, d: &DeviceMatrix, c: &Matrix) {
 #[test]
 fn a_converted_model_uploads_and_multiplies_like_the_cpu() {
     let gpu = crate::gpu_or_skip!();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/micro/hf");
+    // Built here, the executable may run from a copy of the repository elsewhere (the GPU check
+    // script runs it from the copy's root).
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/micro/hf");
+    let src = if built.exists() { built } else { PathBuf::from("tests/data/micro/hf") };
     let tmp = tempfile::tempdir().unwrap();
     for (dense, experts) in [(QuantType::Bf16, QuantType::Iq4Nl), (QuantType::Q8_0, QuantType::Q4_0)] {
         let dst = tmp.path().join(format!("{dense}-{experts}"));
