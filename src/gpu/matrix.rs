@@ -2,17 +2,16 @@
 //! activations in device memory.
 
 use super::device::{gpu_err, Gpu};
+use super::launch::{self, Geometry};
 use super::layout::{repack, DeviceLayout};
 use super::source;
 use crate::error::{Error, Result};
 use crate::quant::QuantType;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-/// Rows per block of the decode kernel (one warp each); `MV_WARPS` in `cu/matvec.cu`.
-const MV_WARPS: usize = 4;
-/// Tile of the batched kernel, rows x tokens; `MM_BM`, `MM_BN` in `cu/matmul.cu`.
-const MM_BM: usize = 64;
-const MM_BN: usize = 64;
+pub(crate) fn config(g: Geometry) -> LaunchConfig {
+    LaunchConfig { grid_dim: (g.grid.0, g.grid.1, 1), block_dim: (g.block, 1, 1), shared_mem_bytes: g.shared_bytes }
+}
 
 /// Which kernel computes a product. `Auto` is what the runner uses: the decode kernel for one
 /// token, the tiled kernel for more.
@@ -94,20 +93,10 @@ impl DeviceMatrix {
         if !tiled && n > 65535 {
             return Err(Error::Invalid(format!("the decode kernel takes at most 65535 tokens, got {n}")));
         }
-        let (name, cfg) = if tiled {
-            let cfg = LaunchConfig {
-                grid_dim: (self.rows.div_ceil(MM_BM) as u32, n.div_ceil(MM_BN) as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            (source::matmul_kernel(self.qtype), cfg)
+        let (name, g) = if tiled {
+            (source::matmul_kernel(self.qtype), launch::matmul(self.rows, n))
         } else {
-            let cfg = LaunchConfig {
-                grid_dim: (self.rows.div_ceil(MV_WARPS) as u32, n as u32, 1),
-                block_dim: (32 * MV_WARPS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            (source::matvec_kernel(self.qtype), cfg)
+            (source::matvec_kernel(self.qtype), launch::matvec(self.rows, n))
         };
         let (rows, cols, n_i) = (self.rows as i32, self.cols as i32, n as i32);
         let null = 0u64;
@@ -123,7 +112,7 @@ impl DeviceMatrix {
         }
         // SAFETY: the argument list matches the kernel's signature (cu/matvec.cu, cu/matmul.cu),
         // and the buffers hold the sizes checked above.
-        unsafe { b.launch(cfg) }.map_err(gpu_err(name))?;
+        unsafe { b.launch(config(g)) }.map_err(gpu_err(name))?;
         Ok(())
     }
 

@@ -74,6 +74,7 @@
 //! wrappers, and uploading dense tensors. The per-layer loop above lives in the model and
 //! residency code.
 
+pub mod launch;
 pub mod layout;
 pub mod plan;
 pub mod source;

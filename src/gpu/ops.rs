@@ -2,16 +2,11 @@
 //! `cu/attention.cu` that check buffer sizes before queueing work.
 
 use super::device::{gpu_err, Gpu};
+use super::launch;
+use super::matrix::config;
 use crate::config::GrokConfig;
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
-
-/// Threads per block of the row-wise and element-wise kernels.
-const BLOCK: u32 = 256;
-/// Threads per block of the attention kernel (one per head lane for Grok's head_dim of 128).
-const ATTN_BLOCK: u32 = 128;
-/// Dynamic shared memory every device grants without opting in.
-const SHARED_DEFAULT: usize = 48 * 1024;
 
 fn need(what: &str, have: usize, want: usize) -> Result<()> {
     if have < want {
@@ -21,11 +16,11 @@ fn need(what: &str, have: usize, want: usize) -> Result<()> {
 }
 
 fn elementwise(n: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (n.div_ceil(BLOCK as usize) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    config(launch::elementwise(n))
 }
 
 fn rows(n: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    config(launch::rows(n))
 }
 
 /// What attention needs to know about the heads (`model::attention::AttnParams` on the CPU).
@@ -51,7 +46,7 @@ impl AttnShape {
 
     /// The most keys one attention call can see (its scores live in shared memory).
     pub fn max_keys(&self) -> usize {
-        SHARED_DEFAULT / 4 - self.head_dim
+        launch::attention_max_keys(self.head_dim)
     }
 }
 
@@ -258,11 +253,7 @@ impl DeviceKvCache {
                 shape.max_keys()
             )));
         }
-        let cfg = LaunchConfig {
-            grid_dim: (shape.n_q_heads as u32, t as u32, 1),
-            block_dim: (ATTN_BLOCK, 1, 1),
-            shared_mem_bytes: ((shape.head_dim + n_keys) * 4) as u32,
-        };
+        let cfg = config(launch::attention(shape.n_q_heads, t, shape.head_dim, n_keys));
         let ints = [t, p0, shape.n_q_heads, shape.n_kv_heads, shape.head_dim, self.capacity].map(|v| v as i32);
         let mut b = gpu.stream().launch_builder(gpu.func("attention"));
         b.arg(q).arg(&self.k[layer]).arg(&self.v[layer]).arg(&self.key_valid).arg(out);

@@ -13,7 +13,7 @@
 extern "C" __global__ void attention(const float* q, const float* kc, const float* vc,
                                      const u8* key_valid, float* out, int T, int p0, int n_q,
                                      int n_kv, int head_dim, int capacity, float mult, float cap) {
-    extern __shared__ float sh[];
+    DYNAMIC_SHARED(float, sh);
     __shared__ float red[32];
     int h = blockIdx.x, t = blockIdx.y;
     int lane = threadIdx.x & (WARP - 1), warp = threadIdx.x / WARP, nw = blockDim.x / WARP;

@@ -10,12 +10,19 @@ typedef unsigned long long u64;
 #define WARP 32
 #define FULL_MASK 0xffffffffu
 
+// The sources also compile as host C++ against a small emulation of the CUDA execution model
+// (tests/gpu_emu/), which defines GROK1_HOST_EMULATION and supplies these two.
+#ifndef GROK1_HOST_EMULATION
+// Dynamic shared memory of a block, sized at launch.
+#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+
 // An f16 scale as stored in a block, widened exactly.
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
+#endif
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) {
     return __uint_as_float(((u32)h) << 16);
