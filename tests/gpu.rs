@@ -84,7 +84,10 @@ fn a_syntax_error_is_reported_with_the_log() {
     // The compiler's log must reach the error, so that a broken kernel names its line.
     let bad = cudarc::nvrtc::compile_ptx("extern \"C\" __global__ void k(float* x) { x[0] = y; }");
     let e = format!("{:?}", bad.unwrap_err());
-    assert!(e.contains("identifier \\\"y\\\" is undefined") || e.contains("identifier \"y\" is undefined"), "{e}");
+    assert!(
+        e.contains("identifier \\\"y\\\" is undefined") || e.contains("identifier \"y\" is undefined"),
+        "{e}"
+    );
 }
 
 #[test]

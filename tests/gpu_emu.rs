@@ -147,13 +147,23 @@ fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
             x ^= x >> 7;
             x ^= x << 17;
             let u = ((x >> 11) as f64 / (1u64 << 53) as f64) as f32 * 2.0 - 1.0;
-            if i % 61 == 7 { 8.0 * scale * u } else { scale * u }
+            if i % 61 == 7 {
+                8.0 * scale * u
+            } else {
+                scale * u
+            }
         })
         .collect()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
-    a.iter().zip(b).enumerate().map(|(i, (x, y))| ((x - y).abs(), i)).fold((0.0, 0), |m, v| if v.0 > m.0 || v.0.is_nan() { v } else { m })
+    a.iter().zip(b).enumerate().map(|(i, (x, y))| ((x - y).abs(), i)).fold((0.0, 0), |m, v| {
+        if v.0 > m.0 || v.0.is_nan() {
+            v
+        } else {
+            m
+        }
+    })
 }
 
 #[test]
@@ -181,7 +191,14 @@ fn matrix_kernels_match_the_cpu() {
                 let mut xs = random(n * cols, (n * 31 + cols) as u64, 1.0);
                 let mut ys = vec![f32::NAN; n * rows];
                 let mut wbuf = l.w.clone();
-                let mut args = vec![A::Bytes(&mut wbuf), if l.d.is_empty() { A::Null } else { A::U16s(&l.d) }, A::F32s(&mut xs), A::F32s(&mut ys), A::I(rows as i64), A::I(cols as i64)];
+                let mut args = vec![
+                    A::Bytes(&mut wbuf),
+                    if l.d.is_empty() { A::Null } else { A::U16s(&l.d) },
+                    A::F32s(&mut xs),
+                    A::F32s(&mut ys),
+                    A::I(rows as i64),
+                    A::I(cols as i64),
+                ];
                 let (name, g) = if tiled {
                     args.push(A::I(n as i64));
                     (source::matmul_kernel(q), launch::matmul(rows, n))
@@ -221,9 +238,26 @@ fn norm_rope_softmax_and_activations_match_the_cpu() {
         ops::add_rms_norm_rows(&mut want_acc, &x, &scale, 1e-5, &mut tmp);
         for (accumulate, start, expect) in [(0, vec![0f32; n * d], &want), (1, acc0.clone(), &want_acc)] {
             let mut out = start;
-            launch(emu, "rms_norm_rows", launch::rows(n), &mut [A::F32s(&mut x), A::F32s(&mut scale), A::F32s(&mut out), A::I(d as i64), A::F(1e-5), A::I(accumulate)]);
+            launch(
+                emu,
+                "rms_norm_rows",
+                launch::rows(n),
+                &mut [
+                    A::F32s(&mut x),
+                    A::F32s(&mut scale),
+                    A::F32s(&mut out),
+                    A::I(d as i64),
+                    A::F(1e-5),
+                    A::I(accumulate),
+                ],
+            );
             let (e, i) = max_diff(&out, expect);
-            assert!(e <= 2e-6 * expect[i].abs().max(1.0), "rms_norm d={d} acc={accumulate}: {} vs {}", out[i], expect[i]);
+            assert!(
+                e <= 2e-6 * expect[i].abs().max(1.0),
+                "rms_norm d={d} acc={accumulate}: {} vs {}",
+                out[i],
+                expect[i]
+            );
         }
     }
     for (hd, heads, pos0) in [(6usize, 3usize, 0usize), (128, 2, 8190)] {
@@ -236,7 +270,19 @@ fn norm_rope_softmax_and_activations_match_the_cpu() {
             ops::rope_in_place(&mut want[tt * heads * hd..][..heads * hd], hd, &c, &s);
         }
         let g = launch::elementwise(t * heads * hd / 2);
-        launch(emu, "rope_rows", g, &mut [A::F32s(&mut x), A::I(t as i64), A::I(heads as i64), A::I(hd as i64), A::I(pos0 as i64), A::F(1e4)]);
+        launch(
+            emu,
+            "rope_rows",
+            g,
+            &mut [
+                A::F32s(&mut x),
+                A::I(t as i64),
+                A::I(heads as i64),
+                A::I(hd as i64),
+                A::I(pos0 as i64),
+                A::F(1e4),
+            ],
+        );
         let (e, i) = max_diff(&x, &want);
         assert!(e <= 4e-6, "rope hd={hd} pos0={pos0}: {} vs {}", x[i], want[i]);
     }
@@ -275,7 +321,12 @@ fn gather_and_scatter_route_rows() {
     let idx = [7i32, 0, 4, 8];
     let gates = [0.25f32, 0.5, 0.125, 1.0];
     let mut rows = vec![0f32; idx.len() * d];
-    launch(emu, "gather_rows", launch::elementwise(idx.len() * d), &mut [A::F32s(&mut src), A::I32s(&idx), A::F32s(&mut rows), A::I(idx.len() as i64), A::I(d as i64)]);
+    launch(
+        emu,
+        "gather_rows",
+        launch::elementwise(idx.len() * d),
+        &mut [A::F32s(&mut src), A::I32s(&idx), A::F32s(&mut rows), A::I(idx.len() as i64), A::I(d as i64)],
+    );
     for (i, &t) in idx.iter().enumerate() {
         assert_eq!(&rows[i * d..][..d], &src[t as usize * d..][..d]);
     }
@@ -285,7 +336,19 @@ fn gather_and_scatter_route_rows() {
         ops::axpy(gates[i], &src[t as usize * d..][..d], &mut want[t as usize * d..][..d]);
     }
     let mut g = gates.to_vec();
-    launch(emu, "scatter_add_rows", launch::elementwise(idx.len() * d), &mut [A::F32s(&mut rows), A::I32s(&idx), A::F32s(&mut g), A::F32s(&mut acc), A::I(idx.len() as i64), A::I(d as i64)]);
+    launch(
+        emu,
+        "scatter_add_rows",
+        launch::elementwise(idx.len() * d),
+        &mut [
+            A::F32s(&mut rows),
+            A::I32s(&idx),
+            A::F32s(&mut g),
+            A::F32s(&mut acc),
+            A::I(idx.len() as i64),
+            A::I(d as i64),
+        ],
+    );
     assert!(max_diff(&acc, &want).0 <= 1e-6);
 }
 
@@ -295,7 +358,13 @@ fn gather_and_scatter_route_rows() {
 fn kv_write_and_attention_match_the_cpu() {
     let emu = emu_or_skip!();
     for (n_q, n_kv, hd) in [(4usize, 2usize, 16usize), (6, 2, 128), (3, 3, 6)] {
-        let c = GrokConfig { n_q_heads: n_q, n_kv_heads: n_kv, head_dim: hd, d_model: n_q * hd, ..GrokConfig::default() };
+        let c = GrokConfig {
+            n_q_heads: n_q,
+            n_kv_heads: n_kv,
+            head_dim: hd,
+            d_model: n_q * hd,
+            ..GrokConfig::default()
+        };
         let p = AttnParams::from_config(&c);
         let cap = 24;
         let (qd, kvd) = (n_q * hd, n_kv * hd);
@@ -307,7 +376,8 @@ fn kv_write_and_attention_match_the_cpu() {
         for (si, toks) in steps.iter().enumerate() {
             let t = toks.len();
             let seed = (si * 100 + hd + n_q) as u64;
-            let (mut q, mut k, mut v) = (random(t * qd, seed, 2.0), random(t * kvd, seed + 1, 2.0), random(t * kvd, seed + 2, 1.0));
+            let (mut q, mut k, mut v) =
+                (random(t * qd, seed, 2.0), random(t * kvd, seed + 1, 2.0), random(t * kvd, seed + 2, 1.0));
             valid.extend(toks.iter().map(|&x| x != 0));
             let g = launch::elementwise(t * kvd);
             let ints = [t, n_kv, hd, cap, p0].map(|x| A::I(x as i64));
@@ -328,7 +398,13 @@ fn kv_write_and_attention_match_the_cpu() {
             let mut mask: Vec<u8> = valid.iter().map(|&b| b as u8).collect();
             let mut out = vec![f32::NAN; t * qd];
             let g = launch::attention(n_q, t, hd, p0 + t);
-            let mut args = vec![A::F32s(&mut q), A::F32s(&mut kc), A::F32s(&mut vc), A::Bytes(&mut mask), A::F32s(&mut out)];
+            let mut args = vec![
+                A::F32s(&mut q),
+                A::F32s(&mut kc),
+                A::F32s(&mut vc),
+                A::Bytes(&mut mask),
+                A::F32s(&mut out),
+            ];
             args.extend([t, p0, n_q, n_kv, hd, cap].map(|x| A::I(x as i64)));
             args.extend([A::F(p.multiplier as f64), A::F(p.logit_cap as f64)]);
             launch(emu, "attention", g, &mut args);

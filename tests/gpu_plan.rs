@@ -4,7 +4,9 @@
 use grok1::config::GrokConfig;
 use grok1::format::manifest::Manifest;
 use grok1::gpu::layout::{has_scale_array, repack};
-use grok1::gpu::plan::{default_budget, default_ranking, parse_bytes, plan, scratch_bytes, tensor_device_bytes, ModelBytes};
+use grok1::gpu::plan::{
+    default_budget, default_ranking, parse_bytes, plan, scratch_bytes, tensor_device_bytes, ModelBytes,
+};
 use grok1::gpu::source;
 use grok1::quant::QuantType;
 use std::collections::BTreeSet;
@@ -43,8 +45,18 @@ fn manifest(c: &GrokConfig, dense_q: QuantType, expert_q: QuantType) -> Manifest
     use grok1::checkpoint::{Proj, Tensor};
     use grok1::format::manifest::*;
     let shards = vec![
-        ShardEntry { file: "dense-00000.bin".into(), kind: ShardKind::Dense, bytes: u64::MAX / 4, sha256: String::new() },
-        ShardEntry { file: "experts-00000.bin".into(), kind: ShardKind::Experts, bytes: u64::MAX / 4, sha256: String::new() },
+        ShardEntry {
+            file: "dense-00000.bin".into(),
+            kind: ShardKind::Dense,
+            bytes: u64::MAX / 4,
+            sha256: String::new(),
+        },
+        ShardEntry {
+            file: "experts-00000.bin".into(),
+            kind: ShardKind::Experts,
+            bytes: u64::MAX / 4,
+            sha256: String::new(),
+        },
     ];
     let dense = Tensor::dense(c)
         .into_iter()
@@ -53,7 +65,15 @@ fn manifest(c: &GrokConfig, dense_q: QuantType, expert_q: QuantType) -> Manifest
             let q = if shape.len() == 1 || matches!(t, Tensor::Router(_)) { QuantType::F32 } else { dense_q };
             let rows: usize = shape[..shape.len() - 1].iter().product();
             let bytes = (rows * q.row_bytes(*shape.last().unwrap()).unwrap()) as u64;
-            DenseEntry { name: t.to_string(), qtype: q, shape, shard: 0, offset: 0, bytes, sha256: String::new() }
+            DenseEntry {
+                name: t.to_string(),
+                qtype: q,
+                shape,
+                shard: 0,
+                offset: 0,
+                bytes,
+                sha256: String::new(),
+            }
         })
         .collect();
     let mut experts = Vec::new();
@@ -64,7 +84,14 @@ fn manifest(c: &GrokConfig, dense_q: QuantType, expert_q: QuantType) -> Manifest
                 .map(|&proj| {
                     let shape = Tensor::Expert { layer, expert, proj }.shape(c);
                     let bytes = (shape[0] * expert_q.row_bytes(shape[1]).unwrap()) as u64;
-                    ChunkTensor { proj: proj.into(), qtype: expert_q, shape, offset: 0, bytes, sha256: String::new() }
+                    ChunkTensor {
+                        proj: proj.into(),
+                        qtype: expert_q,
+                        shape,
+                        offset: 0,
+                        bytes,
+                        sha256: String::new(),
+                    }
                 })
                 .collect();
             let raw: u64 = tensors.iter().map(|t| t.bytes).sum();
@@ -203,7 +230,11 @@ fn weights(n: usize, seed: u64) -> Vec<f32> {
             x ^= x >> 7;
             x ^= x << 17;
             let u = (x >> 11) as f32 / (1u64 << 53) as f32 - 0.5;
-            if i % 97 == 0 { 8.0 * u } else { u }
+            if i % 97 == 0 {
+                8.0 * u
+            } else {
+                u
+            }
         })
         .collect()
 }
@@ -273,4 +304,23 @@ fn without_the_feature_the_gpu_is_unavailable() {
     } else {
         assert_eq!(r.unwrap_err(), "built without the cuda feature");
     }
+}
+
+#[test]
+fn launch_geometry_covers_every_row_and_token() {
+    use grok1::gpu::launch;
+    for (rows, n) in [(1usize, 1usize), (3, 2), (64, 64), (65, 67), (32768, 1)] {
+        let g = launch::matvec(rows, n);
+        assert!(g.block as usize / 32 * g.grid.0 as usize >= rows);
+        assert!(g.grid.0 as usize * (g.block as usize / 32) < rows + g.block as usize / 32);
+        assert_eq!(g.grid.1 as usize, n);
+        let g = launch::matmul(rows, n);
+        assert!(g.grid.0 as usize * launch::MM_BM >= rows && g.grid.1 as usize * launch::MM_BN >= n);
+        assert_eq!(g.block, 256, "matmul.cu assumes 256 threads: 64 x 64 outputs, 16 per thread");
+    }
+    // Attention's scores and query fit the default shared memory, with the static scratch.
+    let keys = launch::attention_max_keys(128);
+    assert!(keys >= 8192, "Grok's context must fit one launch");
+    let g = launch::attention(48, 1, 128, keys);
+    assert!(g.shared_bytes as usize + 128 <= launch::SHARED_DEFAULT);
 }

@@ -2,7 +2,9 @@
 
 use super::{nvrtc, source, GpuInfo};
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, ValidAsZeroBits,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -47,7 +49,10 @@ fn find() -> std::result::Result<Found, String> {
     let archs = nvrtc::supported_archs().map_err(|e| e.to_string())?;
     let cc = (major as u32, minor as u32);
     let arch = nvrtc::arch_for(cc, &archs).ok_or_else(|| {
-        format!("{name} (compute {major}.{minor}) is older than anything NVRTC {}.{} targets ({archs:?})", nv.0, nv.1)
+        format!(
+            "{name} (compute {major}.{minor}) is older than anything NVRTC {}.{} targets ({archs:?})",
+            nv.0, nv.1
+        )
     })?;
     Ok(Found {
         ctx,

@@ -23,7 +23,11 @@ pub const SHARED_DEFAULT: usize = 48 * 1024;
 
 /// The decode kernel: a warp per row, `n` tokens along y.
 pub fn matvec(rows: usize, n: usize) -> Geometry {
-    Geometry { grid: (rows.div_ceil(MV_WARPS) as u32, n as u32), block: 32 * MV_WARPS as u32, shared_bytes: 0 }
+    Geometry {
+        grid: (rows.div_ceil(MV_WARPS) as u32, n as u32),
+        block: 32 * MV_WARPS as u32,
+        shared_bytes: 0,
+    }
 }
 
 /// The tiled kernel: 64 x 64 tiles of rows x tokens, 256 threads.
@@ -43,10 +47,19 @@ pub fn elementwise(n: usize) -> Geometry {
 
 /// One block per (query head, query token); shared memory holds the query and a score per key.
 pub fn attention(n_q_heads: usize, t: usize, head_dim: usize, n_keys: usize) -> Geometry {
-    Geometry { grid: (n_q_heads as u32, t as u32), block: ATTN_BLOCK, shared_bytes: ((head_dim + n_keys) * 4) as u32 }
+    Geometry {
+        grid: (n_q_heads as u32, t as u32),
+        block: ATTN_BLOCK,
+        shared_bytes: ((head_dim + n_keys) * 4) as u32,
+    }
 }
 
-/// The most keys one attention launch can see for a head size.
+/// Static shared memory of the attention kernel (its reduction scratch), which counts against
+/// the same limit as the dynamic part.
+const ATTN_STATIC_SHARED: usize = 32 * 4;
+
+/// The most keys one attention launch can see for a head size: 12,128 for Grok's 128, more than
+/// its 8,192-token context.
 pub fn attention_max_keys(head_dim: usize) -> usize {
-    SHARED_DEFAULT / 4 - head_dim
+    (SHARED_DEFAULT - ATTN_STATIC_SHARED) / 4 - head_dim
 }

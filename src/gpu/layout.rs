@@ -33,9 +33,9 @@ pub fn has_scale_array(qtype: QuantType) -> bool {
 
 /// Repack `rows` rows of `cols` weights in the on-disk layout.
 pub fn repack(qtype: QuantType, rows: usize, cols: usize, bytes: &[u8]) -> Result<DeviceLayout> {
-    let rb = qtype.row_bytes(cols).ok_or_else(|| {
-        Error::Invalid(format!("{cols} columns is not a whole number of {qtype} blocks"))
-    })?;
+    let rb = qtype
+        .row_bytes(cols)
+        .ok_or_else(|| Error::Invalid(format!("{cols} columns is not a whole number of {qtype} blocks")))?;
     if rows.checked_mul(rb) != Some(bytes.len()) {
         return Err(Error::Invalid(format!(
             "{qtype} matrix [{rows}, {cols}] needs {} bytes, got {}",

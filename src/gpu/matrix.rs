@@ -7,10 +7,14 @@ use super::layout::{repack, DeviceLayout};
 use super::source;
 use crate::error::{Error, Result};
 use crate::quant::QuantType;
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
 
 pub(crate) fn config(g: Geometry) -> LaunchConfig {
-    LaunchConfig { grid_dim: (g.grid.0, g.grid.1, 1), block_dim: (g.block, 1, 1), shared_mem_bytes: g.shared_bytes }
+    LaunchConfig {
+        grid_dim: (g.grid.0, g.grid.1, 1),
+        block_dim: (g.block, 1, 1),
+        shared_mem_bytes: g.shared_bytes,
+    }
 }
 
 /// Which kernel computes a product. `Auto` is what the runner uses: the decode kernel for one
@@ -36,7 +40,13 @@ pub struct DeviceMatrix {
 impl DeviceMatrix {
     /// Upload a matrix given in the on-disk layout (`rows` rows of `qtype.row_bytes(cols)`
     /// bytes), repacking it for the kernels.
-    pub fn upload(gpu: &Gpu, qtype: QuantType, rows: usize, cols: usize, bytes: &[u8]) -> Result<DeviceMatrix> {
+    pub fn upload(
+        gpu: &Gpu,
+        qtype: QuantType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<DeviceMatrix> {
         let l = repack(qtype, rows, cols, bytes)?;
         Self::from_layout(gpu, &l)
     }
@@ -58,7 +68,13 @@ impl DeviceMatrix {
     }
 
     /// `ys[t] = W xs[t]` for `t < n`; `xs` is `[n, cols]`, `ys` is `[n, rows]`, row-major.
-    pub fn matmul(&self, gpu: &Gpu, xs: &CudaView<'_, f32>, n: usize, ys: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    pub fn matmul(
+        &self,
+        gpu: &Gpu,
+        xs: &CudaView<'_, f32>,
+        n: usize,
+        ys: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
         self.matmul_with(gpu, xs, n, ys, MatKernel::Auto)
     }
 
@@ -84,6 +100,15 @@ impl DeviceMatrix {
         }
         if n == 0 || self.rows == 0 {
             return Ok(());
+        }
+        // The decode kernels read activations as float4: a view must start 16-byte aligned
+        // (any buffer does; a slice of one does when its offset is a multiple of 4 floats).
+        let (ptr, _read) = xs.device_ptr(gpu.stream());
+        if ptr % 16 != 0 {
+            return Err(Error::Invalid(format!(
+                "activations for a {} matrix start at device address {ptr:#x}, not 16-byte aligned",
+                self.qtype
+            )));
         }
         let tiled = match kernel {
             MatKernel::Auto => n > 1,
@@ -119,7 +144,11 @@ impl DeviceMatrix {
     /// Host convenience: upload `xs` (`[n, cols]`), multiply, wait, return `[n, rows]`.
     pub fn matmul_host(&self, gpu: &Gpu, xs: &[f32], n: usize, kernel: MatKernel) -> Result<Vec<f32>> {
         if xs.len() != n * self.cols {
-            return Err(Error::Invalid(format!("{} inputs for {n} tokens of {} columns", xs.len(), self.cols)));
+            return Err(Error::Invalid(format!(
+                "{} inputs for {n} tokens of {} columns",
+                xs.len(),
+                self.cols
+            )));
         }
         let x = gpu.upload(xs)?;
         let mut y = gpu.zeros::<f32>(n * self.rows)?;

@@ -60,9 +60,12 @@ fn preload() -> &'static std::result::Result<(), String> {
         let Some(path) = std::env::var_os(NVRTC_ENV) else { return Ok(()) };
         let path = std::path::PathBuf::from(path);
         if let Some(dir) = path.parent() {
-            let builtins = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| {
-                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libnvrtc-builtins.so"))
-            });
+            let builtins =
+                std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("libnvrtc-builtins.so"))
+                });
             for b in builtins {
                 dlopen_global(&b).map_err(|e| format!("{NVRTC_ENV}: {e}"))?;
             }
@@ -156,8 +159,10 @@ pub fn assemble_report(sm: &str) -> Result<String> {
     present().map_err(Error::Gpu)?;
     let src = CString::new(source::program()).expect("sources hold no NUL");
     let name = CString::new("grok1_kernels.cu").expect("no NUL");
-    let prog = result::create_program(&src, Some(&name)).map_err(|e| Error::Gpu(format!("nvrtcCreateProgram: {e:?}")))?;
-    let opts = vec![format!("--gpu-architecture={sm}"), "--ptxas-options=-v".to_string(), "--std=c++17".to_string()];
+    let prog = result::create_program(&src, Some(&name))
+        .map_err(|e| Error::Gpu(format!("nvrtcCreateProgram: {e:?}")))?;
+    let opts =
+        vec![format!("--gpu-architecture={sm}"), "--ptxas-options=-v".to_string(), "--std=c++17".to_string()];
     // SAFETY: `prog` is a live program; options are plain strings.
     let compiled = unsafe { result::compile_program(prog, &opts) };
     // SAFETY: as above; the log exists after a compile attempt.

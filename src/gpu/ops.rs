@@ -74,7 +74,15 @@ impl Gpu {
     }
 
     /// Rotate-half RoPE in place on `[n_tok][n_heads][head_dim]`, token `t` at `pos0 + t`.
-    pub fn rope(&self, x: &mut CudaViewMut<'_, f32>, n_tok: usize, n_heads: usize, head_dim: usize, pos0: usize, theta: f64) -> Result<()> {
+    pub fn rope(
+        &self,
+        x: &mut CudaViewMut<'_, f32>,
+        n_tok: usize,
+        n_heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        theta: f64,
+    ) -> Result<()> {
         need("rope input", x.len(), n_tok * n_heads * head_dim)?;
         if head_dim % 2 != 0 {
             return Err(Error::Invalid(format!("RoPE needs an even head_dim, got {head_dim}")));
@@ -120,7 +128,13 @@ impl Gpu {
     }
 
     /// `dst[i] = src[idx[i]]` for rows of `d` floats. Indices are trusted to lie inside `src`.
-    pub fn gather_rows(&self, src: &CudaView<'_, f32>, idx: &CudaView<'_, i32>, dst: &mut CudaViewMut<'_, f32>, d: usize) -> Result<()> {
+    pub fn gather_rows(
+        &self,
+        src: &CudaView<'_, f32>,
+        idx: &CudaView<'_, i32>,
+        dst: &mut CudaViewMut<'_, f32>,
+        d: usize,
+    ) -> Result<()> {
         let n = idx.len();
         need("gather output", dst.len(), n * d)?;
         let (n_i, d_i) = (n as i32, d as i32);
@@ -212,14 +226,26 @@ impl DeviceKvCache {
     }
 
     /// Store `k`, `v` (`[n][n_kv * head_dim]`, token-major) of `layer` at positions `pos0 ..`.
-    pub fn write(&mut self, gpu: &Gpu, layer: usize, pos0: usize, k: &CudaView<'_, f32>, v: &CudaView<'_, f32>) -> Result<()> {
+    pub fn write(
+        &mut self,
+        gpu: &Gpu,
+        layer: usize,
+        pos0: usize,
+        k: &CudaView<'_, f32>,
+        v: &CudaView<'_, f32>,
+    ) -> Result<()> {
         let kvd = self.n_kv * self.head_dim;
         let n = k.len() / kvd;
         need("kv_write values", v.len(), n * kvd)?;
         if pos0 + n > self.capacity {
-            return Err(Error::Invalid(format!("positions {pos0}..{} past the device cache's {}", pos0 + n, self.capacity)));
+            return Err(Error::Invalid(format!(
+                "positions {pos0}..{} past the device cache's {}",
+                pos0 + n,
+                self.capacity
+            )));
         }
-        let (n_i, g, hd, cap, p) = (n as i32, self.n_kv as i32, self.head_dim as i32, self.capacity as i32, pos0 as i32);
+        let (n_i, g, hd, cap, p) =
+            (n as i32, self.n_kv as i32, self.head_dim as i32, self.capacity as i32, pos0 as i32);
         let mut b = gpu.stream().launch_builder(gpu.func("kv_write"));
         b.arg(k).arg(v).arg(&mut self.k[layer]).arg(&mut self.v[layer]);
         b.arg(&n_i).arg(&g).arg(&hd).arg(&cap).arg(&p);
@@ -243,7 +269,10 @@ impl DeviceKvCache {
         let t = q.len() / qd;
         let n_keys = p0 + t;
         need("attention output", out.len(), t * qd)?;
-        if shape.n_kv_heads != self.n_kv || shape.head_dim != self.head_dim || shape.n_q_heads % shape.n_kv_heads != 0 {
+        if shape.n_kv_heads != self.n_kv
+            || shape.head_dim != self.head_dim
+            || shape.n_q_heads % shape.n_kv_heads != 0
+        {
             return Err(Error::Invalid(format!("attention shape {shape:?} does not fit the device cache")));
         }
         if n_keys > self.len || n_keys > shape.max_keys() {
@@ -254,7 +283,8 @@ impl DeviceKvCache {
             )));
         }
         let cfg = config(launch::attention(shape.n_q_heads, t, shape.head_dim, n_keys));
-        let ints = [t, p0, shape.n_q_heads, shape.n_kv_heads, shape.head_dim, self.capacity].map(|v| v as i32);
+        let ints =
+            [t, p0, shape.n_q_heads, shape.n_kv_heads, shape.head_dim, self.capacity].map(|v| v as i32);
         let mut b = gpu.stream().launch_builder(gpu.func("attention"));
         b.arg(q).arg(&self.k[layer]).arg(&self.v[layer]).arg(&self.key_valid).arg(out);
         for i in &ints {

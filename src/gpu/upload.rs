@@ -60,7 +60,10 @@ impl Uploader<'_> {
     fn check_shape(&self, t: Tensor, shape: &[usize]) -> Result<()> {
         let want = t.shape(self.model.config());
         if shape != want.as_slice() {
-            return Err(Error::bad_tensor(t.to_string(), format!("shape {shape:?}, the config needs {want:?}")));
+            return Err(Error::bad_tensor(
+                t.to_string(),
+                format!("shape {shape:?}, the config needs {want:?}"),
+            ));
         }
         Ok(())
     }
@@ -97,7 +100,11 @@ impl Uploader<'_> {
 impl DenseWeights {
     /// Upload every dense tensor of `model`, checking each shape against its config.
     /// `progress` receives stored bytes as they are copied.
-    pub fn upload(gpu: &Gpu, model: &ConvertedModel, progress: &mut dyn FnMut(u64)) -> Result<(DenseWeights, UploadStats)> {
+    pub fn upload(
+        gpu: &Gpu,
+        model: &ConvertedModel,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(DenseWeights, UploadStats)> {
         let t0 = Instant::now();
         let mut u = Uploader { gpu, model, stats: UploadStats::default(), progress };
         let c = model.config().clone();
@@ -115,7 +122,11 @@ impl DenseWeights {
                 ffn_out_norm: u.vector(Tensor::FfnOutNorm(l))?,
             });
         }
-        let w = DenseWeights { embedding: u.matrix(Tensor::Embedding)?, output_norm: u.vector(Tensor::OutputNorm)?, layers };
+        let w = DenseWeights {
+            embedding: u.matrix(Tensor::Embedding)?,
+            output_norm: u.vector(Tensor::OutputNorm)?,
+            layers,
+        };
         gpu.synchronize()?;
         let mut stats = u.stats;
         stats.seconds = t0.elapsed().as_secs_f64();
@@ -143,7 +154,10 @@ impl DeviceExpert {
                 .find(|t| t.proj == p)
                 .ok_or_else(|| Error::bad_tensor(what(), "missing from its chunk"))?;
             if t.shape.len() != 2 {
-                return Err(Error::bad_tensor(what(), format!("expected a matrix, found shape {:?}", t.shape)));
+                return Err(Error::bad_tensor(
+                    what(),
+                    format!("expected a matrix, found shape {:?}", t.shape),
+                ));
             }
             let bytes = raw
                 .get(t.offset as usize..(t.offset + t.bytes) as usize)
@@ -166,8 +180,14 @@ impl DenseWeights {
             .layers
             .iter()
             .map(|l| {
-                let vecs = l.attn_norm.len() + l.attn_out_norm.len() + l.ffn_norm.len() + l.ffn_out_norm.len();
-                l.q.nbytes() + l.k.nbytes() + l.v.nbytes() + l.o.nbytes() + l.router.nbytes() + 4 * vecs as u64
+                let vecs =
+                    l.attn_norm.len() + l.attn_out_norm.len() + l.ffn_norm.len() + l.ffn_out_norm.len();
+                l.q.nbytes()
+                    + l.k.nbytes()
+                    + l.v.nbytes()
+                    + l.o.nbytes()
+                    + l.router.nbytes()
+                    + 4 * vecs as u64
             })
             .sum();
         layers + self.embedding.nbytes() + 4 * self.output_norm.len() as u64

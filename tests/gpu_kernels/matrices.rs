@@ -80,4 +80,7 @@ fn products_on_views_leave_the_rest_of_the_buffer_alone() {
     // Too small an output buffer is an error, not a write past its end.
     let e = m.matvec(&gpu, &xd.slice(0..cols), &mut yd.slice_mut(0..rows - 1)).unwrap_err().to_string();
     assert!(e.contains("outputs"), "{e}");
+    // A view starting one float into a buffer cannot feed the float4 loads.
+    let e = m.matvec(&gpu, &xd.slice(1..cols + 1), &mut yd.slice_mut(0..rows)).unwrap_err().to_string();
+    assert!(e.contains("not 16-byte aligned"), "{e}");
 }

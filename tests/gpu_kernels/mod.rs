@@ -60,9 +60,11 @@ pub fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 /// Largest |a - b| over the elements, and where.
 pub fn max_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .enumerate()
-        .map(|(i, (x, y))| ((x - y).abs(), i))
-        .fold((0.0, 0), |m, v| if v.0 > m.0 || v.0.is_nan() { v } else { m })
+    a.iter().zip(b).enumerate().map(|(i, (x, y))| ((x - y).abs(), i)).fold((0.0, 0), |m, v| {
+        if v.0 > m.0 || v.0.is_nan() {
+            v
+        } else {
+            m
+        }
+    })
 }

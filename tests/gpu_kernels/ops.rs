@@ -153,7 +153,10 @@ fn attention_matches_the_cpu_through_prefill_and_decode() {
         let mut scratch = AttnScratch::default();
         let layer = 1;
         let steps: Vec<Vec<u32>> = vec![
-            vec![0, 5, 9, 0, 0, 12, 7, 3, 0, 44, 2, 8, 1, 13, 0, 6, 17, 21, 5, 9, 11, 3, 3, 4, 0, 99, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+            vec![
+                0, 5, 9, 0, 0, 12, 7, 3, 0, 44, 2, 8, 1, 13, 0, 6, 17, 21, 5, 9, 11, 3, 3, 4, 0, 99, 5, 6, 7,
+                8, 9, 10, 11, 12, 13, 14, 15,
+            ],
             vec![3],
             vec![0],
             vec![8, 9],

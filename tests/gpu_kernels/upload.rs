@@ -49,7 +49,10 @@ fn a_converted_model_uploads_and_multiplies_like_the_cpu() {
         // The plan's count is the same bytes, rounded per buffer.
         let planned = ModelBytes::from_manifest(&m.manifest).dense_bytes();
         assert!(planned >= raw && planned < raw + 2 * 256 * stats.tensors as u64);
-        eprintln!("{dense}/{experts}: {} dense tensors, {} bytes in {:.3} s", stats.tensors, stats.bytes, stats.seconds);
+        eprintln!(
+            "{dense}/{experts}: {} dense tensors, {} bytes in {:.3} s",
+            stats.tensors, stats.bytes, stats.seconds
+        );
 
         check(&gpu, "token_embd", &w.embedding, &cpu.embedding);
         for (l, (g, c)) in w.layers.iter().zip(&cpu.layers).enumerate() {
@@ -59,8 +62,13 @@ fn a_converted_model_uploads_and_multiplies_like_the_cpu() {
             check(&gpu, &format!("blk.{l}.attn_o"), &g.o, &c.o);
             let norm = gpu.download(&g.ffn_out_norm).unwrap();
             assert_eq!(norm, c.ffn_out_norm, "blk.{l}.ffn_out_norm");
-            let router = Matrix::from_bytes(QuantType::F32, c.router.len() / norm.len(), norm.len(),
-                &c.router.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+            let router = Matrix::from_bytes(
+                QuantType::F32,
+                c.router.len() / norm.len(),
+                norm.len(),
+                &c.router.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+            )
+            .unwrap();
             check(&gpu, &format!("blk.{l}.ffn_router"), &g.router, &router);
         }
 
