@@ -324,3 +324,34 @@ fn launch_geometry_covers_every_row_and_token() {
     let g = launch::attention(48, 1, 128, keys);
     assert!(g.shared_bytes as usize + 128 <= launch::SHARED_DEFAULT);
 }
+
+#[test]
+fn stats_report_per_token() {
+    use grok1::gpu::stats::GpuStats;
+    let mut s = GpuStats::default();
+    // Two decode tokens of a 4-layer top-2 model; the GPU holds 3 of each token's 8 experts.
+    for _ in 0..2 {
+        s.tokens += 1;
+        for _ in 0..4 {
+            s.add_layer(2, if s.experts_chosen % 4 == 0 { 1 } else { 0 });
+        }
+        s.add_h2d_floats(4 * 256 + 256);
+        s.add_d2h_floats(4 * 256 + 1000);
+    }
+    s.gpu_seconds = 0.004;
+    s.cpu_expert_seconds = 0.010;
+    let r = s.report();
+    assert_eq!(s.experts_chosen, 16);
+    assert!((r.gpu_expert_hit_rate - s.experts_on_gpu as f64 / 16.0).abs() < 1e-12);
+    assert_eq!(r.pcie_h2d_bytes_per_token, (4 * (4 * 256 + 256)) as f64);
+    assert_eq!(r.pcie_d2h_bytes_per_token, (4 * (4 * 256 + 1000)) as f64);
+    assert!((r.gpu_ms_per_token - 2.0).abs() < 1e-9 && (r.cpu_expert_ms_per_token - 5.0).abs() < 1e-9);
+    let before = s;
+    s.tokens += 1;
+    s.add_layer(2, 2);
+    let d = (s - before).report();
+    assert_eq!((d.gpu_expert_hit_rate, d.gpu_experts_per_token), (1.0, 2.0));
+    // The JSON keys the GPU check script's table picks up.
+    let j = serde_json::to_string(&d).unwrap();
+    assert!(j.contains("\"gpu_expert_hit_rate\"") && j.contains("\"pcie_h2d_bytes_per_token\""), "{j}");
+}

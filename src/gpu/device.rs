@@ -131,8 +131,28 @@ impl Gpu {
         Ok(v)
     }
 
+    /// A mark in the stream: the device time between two marks is the time its work between
+    /// them took, without waiting for anything when the marks are set.
+    pub fn mark(&self) -> Result<GpuMark> {
+        let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let e = self.ctx.new_event(Some(flags)).map_err(gpu_err("creating an event"))?;
+        e.record(&self.stream).map_err(gpu_err("recording an event"))?;
+        Ok(GpuMark(e))
+    }
+
     /// Wait for all queued work (and surface any error a kernel raised).
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(gpu_err("waiting for the GPU"))
+    }
+}
+
+/// A point in the GPU's stream, from [`Gpu::mark`].
+pub struct GpuMark(cudarc::driver::CudaEvent);
+
+impl GpuMark {
+    /// Seconds of device time from `self` to `later`; waits until `later` is reached.
+    pub fn seconds_to(&self, later: &GpuMark) -> Result<f64> {
+        let ms = self.0.elapsed_ms(&later.0).map_err(gpu_err("timing events"))?;
+        Ok(ms as f64 / 1e3)
     }
 }

@@ -78,6 +78,7 @@ pub mod launch;
 pub mod layout;
 pub mod plan;
 pub mod source;
+pub mod stats;
 
 #[cfg(feature = "cuda")]
 mod device;
@@ -91,7 +92,7 @@ mod ops;
 mod upload;
 
 #[cfg(feature = "cuda")]
-pub use device::Gpu;
+pub use device::{Gpu, GpuMark};
 #[cfg(feature = "cuda")]
 pub use matrix::{DeviceMatrix, MatKernel};
 #[cfg(feature = "cuda")]

@@ -48,11 +48,16 @@ fn matrix_kernel_throughput() {
             m.matmul_with(&gpu, &x.slice(0..n * cols), n, &mut y.slice_mut(0..n * rows), kernel).unwrap();
             gpu.synchronize().unwrap();
             let t = Instant::now();
+            let start = gpu.mark().unwrap();
             for _ in 0..reps {
                 m.matmul_with(&gpu, &x.slice(0..n * cols), n, &mut y.slice_mut(0..n * rows), kernel).unwrap();
             }
-            gpu.synchronize().unwrap();
-            t.elapsed().as_secs_f64() / reps as f64
+            let end = gpu.mark().unwrap();
+            let device = start.seconds_to(&end).unwrap();
+            let host = t.elapsed().as_secs_f64();
+            // Device time can only be shorter than the host's wait for the same work.
+            assert!(device > 0.0 && device <= host * 1.01 + 1e-4, "device {device} s, host {host} s");
+            device / reps as f64
         };
         let tv = run(1, MatKernel::Matvec, &mut y, 50);
         let tm = run(128, MatKernel::Tiled, &mut y, 5);
