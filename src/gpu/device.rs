@@ -88,7 +88,9 @@ impl Gpu {
         // One stream, used in order: cudarc's per-buffer event bookkeeping would only add cost.
         // SAFETY: every buffer of this handle is used on `stream` alone.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own (non-blocking): the legacy default stream would serialise with
+        // every other stream, such as one uploading experts while this one computes.
+        let stream = ctx.new_stream().map_err(gpu_err("creating a stream"))?;
         Ok(Gpu { ctx, stream, funcs, info })
     }
 

@@ -10,7 +10,7 @@
 //! | q4_k            | the 144-byte super-blocks as stored            | none                   |
 //!
 //! The layout holds exactly the on-disk bytes, reordered. Plain host code, built without CUDA,
-//! so that the repacking is tested everywhere ([`dequantize_row`] reads a row back).
+//! so that the repacking is tested everywhere (`DeviceLayout::dequantize_row` reads a row back).
 
 use crate::error::{Error, Result};
 use crate::quant::{QuantType, IQ4_NL_GRID, QK};

@@ -33,7 +33,8 @@
 //! then all dense weights (the tied embedding / output head, every layer's attention, norms and
 //! routers: every token reads them, so they are the best bytes to place), then experts one at a
 //! time in the residency policy's ranking (hottest first; `ExpertStore::hottest` on the
-//! residency side) until the next one does not fit. A budget too small for the dense part
+//! residency side; `plan::default_ranking` spreads them over the layers when nothing is known
+//! yet), skipping any that no longer fit. A budget too small for the dense part
 //! gives a plan that uses no GPU, with the reason, rather than a half-placed attention stack.
 //! Experts not placed stay with the RAM/disk store; the store learns which experts the GPU holds
 //! through its `DeviceResidency` seam and neither reads nor caches those. When the ranking
@@ -64,15 +65,25 @@
 //! costs `max(gpu, cpu)` rather than their sum; with the dense part on the GPU the CPU does
 //! nothing but its experts. Prefill batches tokens per expert the same way on both sides.
 //!
-//! **Stats** (the runner's `bench` reports them next to the residency store's): GPU expert hits
-//! per token (experts computed on the device / experts chosen), bytes copied host-to-device and
-//! device-to-host per token, time per device per token (GPU: event timing around each layer's
-//! device work; CPU: wall time of its experts), device memory by kind (dense, experts, KV cache,
-//! scratch) from the plan.
+//! **Stats** (`stats::GpuStats`; the runner's `bench --json` reports `GpuReport` next to the
+//! residency store's numbers): GPU expert hit rate and experts per token, bytes copied
+//! host-to-device and device-to-host per token, time per device per token (GPU: `Gpu::mark`
+//! event timing around each layer's device work; CPU: wall time of its experts), and device
+//! memory by kind (dense, experts, KV cache, scratch) from the plan.
 //!
-//! What exists today: planning (`plan`), device buffers, the kernels and their host-side
-//! wrappers, and uploading dense tensors. The per-layer loop above lives in the model and
-//! residency code.
+//! What exists today: planning (`plan`), stats (`stats`), device buffers and device-time marks,
+//! the kernels and their host-side wrappers, and uploading dense tensors and expert chunks. The
+//! per-layer loop above lives in the model and residency code.
+//!
+//! # Checking without a GPU
+//!
+//! * `tests/gpu_plan.rs`: planning, parsing, the device layouts, launch geometry, the kernel
+//!   list (every build);
+//! * `tests/gpu_emu.rs`: the kernels' logic, compiled as host C++ against an emulation of the
+//!   CUDA execution model, against the CPU references (every build with a C++20 compiler);
+//! * `tests/gpu.rs` (feature `cuda`): NVRTC compiles the program for compute_80 and compute_90
+//!   and assembles it for sm_90 without register spills; with a GPU, every kernel against the
+//!   CPU. `benches/gpu-check.sh` runs all of it, and the runner benchmarks, on a GPU machine.
 
 pub mod launch;
 pub mod layout;
