@@ -7,14 +7,23 @@ use super::layout::{repack, DeviceLayout};
 use super::source;
 use crate::error::{Error, Result};
 use crate::quant::QuantType;
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
 
-pub(crate) fn config(g: Geometry) -> LaunchConfig {
-    LaunchConfig {
+/// Queue a launch of `g`; a grid with no blocks (empty input) queues nothing.
+///
+/// # Safety
+/// `b`'s arguments must match the kernel's parameters, and its buffers must be as large as the
+/// kernel will index for `g`.
+pub(crate) unsafe fn launch_on(b: &mut LaunchArgs<'_>, g: Geometry, name: &str) -> Result<()> {
+    if g.grid.0 == 0 || g.grid.1 == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
         grid_dim: (g.grid.0, g.grid.1, 1),
         block_dim: (g.block, 1, 1),
         shared_mem_bytes: g.shared_bytes,
-    }
+    };
+    b.launch(cfg).map(|_| ()).map_err(gpu_err(name))
 }
 
 /// Which kernel computes a product. `Auto` is what the runner uses: the decode kernel for one
@@ -137,7 +146,7 @@ impl DeviceMatrix {
         }
         // SAFETY: the argument list matches the kernel's signature (cu/matvec.cu, cu/matmul.cu),
         // and the buffers hold the sizes checked above.
-        unsafe { b.launch(config(g)) }.map_err(gpu_err(name))?;
+        unsafe { launch_on(&mut b, g, name) }?;
         Ok(())
     }
 

@@ -3,24 +3,16 @@
 
 use super::device::{gpu_err, Gpu};
 use super::launch;
-use super::matrix::config;
+use super::matrix::launch_on;
 use crate::config::GrokConfig;
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 
 fn need(what: &str, have: usize, want: usize) -> Result<()> {
     if have < want {
         return Err(Error::Invalid(format!("{what}: buffer of {have} floats, needs {want}")));
     }
     Ok(())
-}
-
-fn elementwise(n: usize) -> LaunchConfig {
-    config(launch::elementwise(n))
-}
-
-fn rows(n: usize) -> LaunchConfig {
-    config(launch::rows(n))
 }
 
 /// What attention needs to know about the heads (`model::attention::AttnParams` on the CPU).
@@ -69,7 +61,7 @@ impl Gpu {
         let mut b = self.stream().launch_builder(self.func("rms_norm_rows"));
         b.arg(x).arg(scale).arg(out).arg(&d_i).arg(&eps).arg(&acc);
         // SAFETY: arguments match `rms_norm_rows` in cu/ops.cu; sizes checked above.
-        unsafe { b.launch(rows(n)) }.map_err(gpu_err("rms_norm_rows"))?;
+        unsafe { launch_on(&mut b, launch::rows(n), "rms_norm_rows") }?;
         Ok(())
     }
 
@@ -91,7 +83,7 @@ impl Gpu {
         let mut b = self.stream().launch_builder(self.func("rope_rows"));
         b.arg(x).arg(&t).arg(&h).arg(&hd).arg(&p).arg(&theta);
         // SAFETY: arguments match `rope_rows`; size checked above.
-        unsafe { b.launch(elementwise(n_tok * n_heads * head_dim / 2)) }.map_err(gpu_err("rope_rows"))?;
+        unsafe { launch_on(&mut b, launch::elementwise(n_tok * n_heads * head_dim / 2), "rope_rows") }?;
         Ok(())
     }
 
@@ -102,7 +94,7 @@ impl Gpu {
         let mut b = self.stream().launch_builder(self.func("softmax_rows"));
         b.arg(x).arg(&l);
         // SAFETY: arguments match `softmax_rows`.
-        unsafe { b.launch(rows(n)) }.map_err(gpu_err("softmax_rows"))?;
+        unsafe { launch_on(&mut b, launch::rows(n), "softmax_rows") }?;
         Ok(())
     }
 
@@ -112,7 +104,7 @@ impl Gpu {
         let mut b = self.stream().launch_builder(self.func("gelu_tanh"));
         b.arg(x).arg(&n);
         // SAFETY: arguments match `gelu_tanh`.
-        unsafe { b.launch(elementwise(n as usize)) }.map_err(gpu_err("gelu_tanh"))?;
+        unsafe { launch_on(&mut b, launch::elementwise(n as usize), "gelu_tanh") }?;
         Ok(())
     }
 
@@ -123,7 +115,7 @@ impl Gpu {
         let mut b = self.stream().launch_builder(self.func("geglu"));
         b.arg(gate).arg(up).arg(&n);
         // SAFETY: arguments match `geglu`; size checked above.
-        unsafe { b.launch(elementwise(n as usize)) }.map_err(gpu_err("geglu"))?;
+        unsafe { launch_on(&mut b, launch::elementwise(n as usize), "geglu") }?;
         Ok(())
     }
 
@@ -141,7 +133,7 @@ impl Gpu {
         let mut b = self.stream().launch_builder(self.func("gather_rows"));
         b.arg(src).arg(idx).arg(dst).arg(&n_i).arg(&d_i);
         // SAFETY: arguments match `gather_rows`; output size checked above.
-        unsafe { b.launch(elementwise(n * d)) }.map_err(gpu_err("gather_rows"))?;
+        unsafe { launch_on(&mut b, launch::elementwise(n * d), "gather_rows") }?;
         Ok(())
     }
 
@@ -161,7 +153,7 @@ impl Gpu {
         let mut b = self.stream().launch_builder(self.func("scatter_add_rows"));
         b.arg(src).arg(idx).arg(g).arg(dst).arg(&n_i).arg(&d_i);
         // SAFETY: arguments match `scatter_add_rows`; sizes checked above.
-        unsafe { b.launch(elementwise(n * d)) }.map_err(gpu_err("scatter_add_rows"))?;
+        unsafe { launch_on(&mut b, launch::elementwise(n * d), "scatter_add_rows") }?;
         Ok(())
     }
 }
@@ -250,7 +242,7 @@ impl DeviceKvCache {
         b.arg(k).arg(v).arg(&mut self.k[layer]).arg(&mut self.v[layer]);
         b.arg(&n_i).arg(&g).arg(&hd).arg(&cap).arg(&p);
         // SAFETY: arguments match `kv_write`; positions checked above.
-        unsafe { b.launch(elementwise(n * kvd)) }.map_err(gpu_err("kv_write"))?;
+        unsafe { launch_on(&mut b, launch::elementwise(n * kvd), "kv_write") }?;
         Ok(())
     }
 
@@ -282,7 +274,7 @@ impl DeviceKvCache {
                 shape.max_keys()
             )));
         }
-        let cfg = config(launch::attention(shape.n_q_heads, t, shape.head_dim, n_keys));
+        let g = launch::attention(shape.n_q_heads, t, shape.head_dim, n_keys);
         let ints =
             [t, p0, shape.n_q_heads, shape.n_kv_heads, shape.head_dim, self.capacity].map(|v| v as i32);
         let mut b = gpu.stream().launch_builder(gpu.func("attention"));
@@ -292,7 +284,7 @@ impl DeviceKvCache {
         }
         b.arg(&shape.multiplier).arg(&shape.logit_cap);
         // SAFETY: arguments match `attention` in cu/attention.cu; sizes and shared memory checked.
-        unsafe { b.launch(cfg) }.map_err(gpu_err("attention"))?;
+        unsafe { launch_on(&mut b, g, "attention") }?;
         Ok(())
     }
 }

@@ -196,3 +196,17 @@ fn attention_matches_the_cpu_through_prefill_and_decode() {
         assert!(dev.attend(&gpu, &shape, layer, &q.as_view(), p0, &mut out.as_view_mut()).is_err());
     }
 }
+
+#[test]
+fn empty_inputs_queue_nothing() {
+    let gpu = crate::gpu_or_skip!();
+    let mut x = gpu.zeros::<f32>(8).unwrap();
+    let s = gpu.zeros::<f32>(8).unwrap();
+    let mut out = gpu.zeros::<f32>(8).unwrap();
+    gpu.gelu_tanh(&mut x.slice_mut(0..0)).unwrap();
+    gpu.softmax_rows(&mut x.slice_mut(0..0), 8).unwrap();
+    gpu.rms_norm_rows(&x.slice(0..0), &s.as_view(), &mut out.as_view_mut(), 8, 1e-5, false).unwrap();
+    gpu.rope(&mut x.slice_mut(0..0), 0, 2, 4, 0, 1e4).unwrap();
+    gpu.synchronize().unwrap();
+    assert!(gpu.download(&out).unwrap().iter().all(|&v| v == 0.0));
+}
