@@ -97,7 +97,7 @@ fn available_gives_a_reason_or_a_device() {
         Ok(info) => {
             eprintln!("GPU: {info:?}");
             assert!(info.total_bytes > 0 && info.free_bytes <= info.total_bytes);
-            assert!(info.arch.starts_with("compute_"));
+            assert!(info.arch.starts_with("sm_") || info.arch.starts_with("compute_"), "{}", info.arch);
         }
         Err(why) => {
             eprintln!("no GPU found ({why})");
@@ -115,8 +115,12 @@ fn kernels_assemble_for_sm_90_without_spills() {
         eprintln!("skipping: NVRTC not found");
         return;
     }
-    let report = match nvrtc::assemble_report("sm_90") {
-        Ok(r) => r,
+    let report = match nvrtc::compile_cubin("sm_90") {
+        Ok((cubin, r)) => {
+            // An ELF image: what the driver loads on an H100 without compiling anything.
+            assert_eq!(&cubin[..4], b"\x7fELF", "not a CUBIN");
+            r
+        }
         Err(e) => {
             eprintln!("skipping: this NVRTC cannot assemble for sm_90: {e}");
             return;
@@ -133,4 +137,17 @@ fn kernels_assemble_for_sm_90_without_spills() {
     }
     eprintln!("{report}");
     assert_eq!(functions, source::kernel_names().len(), "{report}");
+}
+
+#[test]
+fn architecture_choice() {
+    let all = nvrtc::ARCHS;
+    assert_eq!(nvrtc::sm_for((9, 0), &all).as_deref(), Some("sm_90"));
+    assert_eq!(nvrtc::sm_for((9, 1), &all), None);
+    assert_eq!(nvrtc::arch_for((9, 0), &all), Some("compute_90"));
+    assert_eq!(nvrtc::arch_for((8, 9), &all), Some("compute_89"));
+    // A device newer than NVRTC knows runs the newest PTX through the driver's JIT.
+    assert_eq!(nvrtc::arch_for((12, 1), &all), Some("compute_120"));
+    assert_eq!(nvrtc::arch_for((9, 0), &["compute_75", "compute_80"]), Some("compute_80"));
+    assert_eq!(nvrtc::arch_for((7, 0), &all), None);
 }

@@ -48,12 +48,17 @@ fn find() -> std::result::Result<Found, String> {
     let nv = nvrtc::version().map_err(|e| e.to_string())?;
     let archs = nvrtc::supported_archs().map_err(|e| e.to_string())?;
     let cc = (major as u32, minor as u32);
-    let arch = nvrtc::arch_for(cc, &archs).ok_or_else(|| {
-        format!(
-            "{name} (compute {major}.{minor}) is older than anything NVRTC {}.{} targets ({archs:?})",
-            nv.0, nv.1
-        )
-    })?;
+    let arch = match nvrtc::sm_for(cc, &archs) {
+        Some(sm) => sm,
+        None => nvrtc::arch_for(cc, &archs)
+            .ok_or_else(|| {
+                format!(
+                    "{name} (compute {major}.{minor}) is older than anything NVRTC {}.{} targets ({archs:?})",
+                    nv.0, nv.1
+                )
+            })?
+            .to_string(),
+    };
     Ok(Found {
         ctx,
         info: GpuInfo {
@@ -64,7 +69,7 @@ fn find() -> std::result::Result<Found, String> {
             free_bytes: free as u64,
             driver_cuda: ((drv / 1000) as u32, ((drv % 1000) / 10) as u32),
             nvrtc: nv,
-            arch: arch.to_string(),
+            arch,
         },
     })
 }
@@ -77,9 +82,14 @@ impl Gpu {
     /// Open the first GPU and compile and load the kernels for it.
     pub fn new() -> Result<Gpu> {
         let Found { ctx, info } = find().map_err(|why| Error::Gpu(format!("no usable device: {why}")))?;
-        let arch = nvrtc::ARCHS.iter().copied().find(|a| *a == info.arch).expect("arch comes from ARCHS");
-        let ptx = nvrtc::compile(arch)?;
-        let module = ctx.load_module(ptx).map_err(gpu_err("loading the kernel module"))?;
+        // Machine code for the device where NVRTC knows it, else PTX the driver compiles.
+        let image = if info.arch.starts_with("sm_") {
+            cudarc::nvrtc::Ptx::from_binary(nvrtc::compile_cubin(&info.arch)?.0)
+        } else {
+            let arch = nvrtc::ARCHS.iter().copied().find(|a| *a == info.arch).expect("arch comes from ARCHS");
+            nvrtc::compile(arch)?
+        };
+        let module = ctx.load_module(image).map_err(gpu_err("loading the kernel module"))?;
         let mut funcs = HashMap::new();
         for name in source::kernel_names() {
             let f = module.load_function(name).map_err(gpu_err(name))?;

@@ -127,7 +127,8 @@ pub struct GpuInfo {
     pub driver_cuda: (u32, u32),
     /// NVRTC's version, (major, minor).
     pub nvrtc: (u32, u32),
-    /// The virtual architecture the kernels are compiled for, e.g. `compute_90`.
+    /// What the kernels are compiled for: the device's own architecture (`sm_90`, machine
+    /// code) when NVRTC knows it, else the newest virtual one below it (`compute_90`, PTX).
     pub arch: String,
 }
 

@@ -100,7 +100,8 @@ pub fn version() -> Result<(u32, u32)> {
     Ok((major as u32, minor as u32))
 }
 
-/// The virtual architectures this NVRTC can compile for, from [`ARCHS`].
+/// The virtual architectures this NVRTC can compile for, from [`ARCHS`] (which lists every
+/// architecture with a device this tier runs on, so `sm_for` can consult the same list).
 pub fn supported_archs() -> Result<Vec<&'static str>> {
     present().map_err(Error::Gpu)?;
     use cudarc::nvrtc::sys;
@@ -151,26 +152,55 @@ pub fn compile(arch: &'static str) -> Result<Ptx> {
     })
 }
 
-/// Compile for a real architecture (e.g. `sm_90`) with ptxas's verbose report, and return the
-/// compiler log: registers, shared memory and spills per kernel. A build-time check only; the
-/// runtime loads PTX.
-pub fn assemble_report(sm: &str) -> Result<String> {
-    use cudarc::nvrtc::result;
+/// Compile for a real architecture (e.g. `sm_90`) to a CUBIN, the machine code the driver loads
+/// as it is, and return it with the compiler log (ptxas's report of registers, shared memory
+/// and spills per kernel). Preferred over PTX where NVRTC knows the device: the driver then
+/// JIT-compiles nothing, which also works when NVRTC is newer than the driver.
+pub fn compile_cubin(sm: &str) -> Result<(Vec<u8>, String)> {
+    use cudarc::nvrtc::{result, sys};
     present().map_err(Error::Gpu)?;
     let src = CString::new(source::program()).expect("sources hold no NUL");
     let name = CString::new("grok1_kernels.cu").expect("no NUL");
     let prog = result::create_program(&src, Some(&name))
         .map_err(|e| Error::Gpu(format!("nvrtcCreateProgram: {e:?}")))?;
-    let opts =
-        vec![format!("--gpu-architecture={sm}"), "--ptxas-options=-v".to_string(), "--std=c++17".to_string()];
-    // SAFETY: `prog` is a live program; options are plain strings.
-    let compiled = unsafe { result::compile_program(prog, &opts) };
-    // SAFETY: as above; the log exists after a compile attempt.
-    let log = unsafe { result::get_program_log(prog) }
-        .map(|l| unsafe { std::ffi::CStr::from_ptr(l.as_ptr()) }.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // SAFETY: destroyed once, not used after.
-    let _ = unsafe { result::destroy_program(prog) };
-    compiled.map_err(|e| Error::Gpu(format!("NVRTC could not assemble for {sm}: {e:?}\n{log}")))?;
-    Ok(log)
+    let opts = vec![
+        format!("--gpu-architecture={sm}"),
+        "--ptxas-options=-v".to_string(),
+        "--std=c++17".to_string(),
+        "--prec-div=true".to_string(),
+        "--prec-sqrt=true".to_string(),
+    ];
+    // SAFETY: `prog` is a live program until destroyed below; options are plain strings; the
+    // CUBIN buffer is sized by NVRTC's own report.
+    let (compiled, log, cubin) = unsafe {
+        let compiled = result::compile_program(prog, &opts);
+        let log = result::get_program_log(prog)
+            .map(|l| std::ffi::CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut cubin = Vec::new();
+        if compiled.is_ok() {
+            let mut n = 0usize;
+            if sys::nvrtcGetCUBINSize(prog, &mut n) == sys::nvrtcResult::NVRTC_SUCCESS && n > 0 {
+                cubin = vec![0u8; n];
+                if sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast()) != sys::nvrtcResult::NVRTC_SUCCESS {
+                    cubin.clear();
+                }
+            }
+        }
+        let _ = result::destroy_program(prog);
+        (compiled, log, cubin)
+    };
+    compiled
+        .map_err(|e| Error::Gpu(format!("NVRTC could not compile the kernels for {sm}: {e:?}\n{log}")))?;
+    if cubin.is_empty() {
+        return Err(Error::Gpu(format!("NVRTC compiled for {sm} but returned no CUBIN")));
+    }
+    Ok((cubin, log))
+}
+
+/// The real architecture `sm_XY` of a device of compute capability `cc`, if this NVRTC
+/// (`supported`, from [`supported_archs`]) generates code for exactly it.
+pub fn sm_for(cc: (u32, u32), supported: &[&'static str]) -> Option<String> {
+    let n = cc.0 * 10 + cc.1;
+    supported.iter().any(|a| arch_number(a) == n as i32).then(|| format!("sm_{n}"))
 }
