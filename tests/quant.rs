@@ -319,7 +319,7 @@ fn int4_error_ratios_to_q4_0() {
 /// Error of q4_0, iq4_nl, `int4_for` (q4_k where rows allow) and q8_0 over every matrix of a
 /// checkpoint.
 fn fixture_errors(dir: &Path) -> [ErrorStats; 4] {
-    let src = grok1::checkpoint::open(dir).unwrap();
+    let src = grok1::checkpoint::open(dir, None).unwrap();
     let mut stats = [ErrorStats::default(); 4];
     for st in src.tensors() {
         if st.shape.len() < 2 {
