@@ -40,6 +40,8 @@ done
 {
     echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- src tests Cargo.toml || echo ' (with uncommitted changes)')"
     echo "built  $(date -u +%Y-%m-%dT%H:%M:%SZ) with $(rustc --version)"
+    # The GPU machine's C library must be at least this new (ldd --version there).
+    echo "needs  $(objdump -T "$out"/grok1-run "$out"/test-* 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n1)"
 } > "$out/BUILD"
 ls -l "$out"
 du -sh "$out"
