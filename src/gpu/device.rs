@@ -14,7 +14,7 @@ pub(crate) fn gpu_err(what: &str) -> impl FnOnce(DriverError) -> Error + '_ {
 }
 
 /// The first GPU with the kernel program loaded. All work goes to one stream, in order; calls
-/// return once the work is queued, and the `*_host` helpers and [`Gpu::download`] wait for it.
+/// return once the work is queued, and the `*_host` methods and [`Gpu::download`] wait for it.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
