@@ -13,6 +13,9 @@ pub enum Error {
     BadTensor { tensor: String, msg: String },
     #[error("{0}")]
     Invalid(String),
+    /// A CUDA driver or NVRTC call failed; the message names the operation.
+    #[error("GPU: {0}")]
+    Gpu(String),
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
 }

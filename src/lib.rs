@@ -10,6 +10,7 @@
 //! convert      the parallel, resumable pipeline that ties the three above together
 //! residency    which expert lives where (RAM within a budget, or disk), reads, prefetch; plan
 //! kernels      dot products and matrix products per CPU feature set
+//! gpu          dense weights and hot experts on an NVIDIA GPU (feature `cuda`)
 //! model        the Grok-1 forward pass, readable top to bottom
 //! tokenizer    SentencePiece BPE, text in, text out
 //! ```
@@ -21,6 +22,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod format;
+pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod npy;
