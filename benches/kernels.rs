@@ -2,12 +2,17 @@
 //! weight bytes (decimal) against `measure_read_bandwidth`, printed first; prefill products are
 //! compute-bound and reported in tokens/s.
 //!
-//! * `stream`: one 8192 x 16384 matrix (far larger than any cache), 1 and 2 threads.
+//! Types: q8_0, iq4_nl, q4_k (and bf16 where noted), each at 1 and 2 threads.
+//!
+//! * `stream`: one 8192 x 16384 matrix (larger than the last-level cache; a 4-bit one may still
+//!   partly fit a very large one), with bf16.
 //! * `decode`: the model's benchmark shapes (d_model 2048, ffn 8192) in decode order over more
 //!   than 1 GB of distinct matrices, so that nothing is served from cache: per layer q, k, v, o
 //!   and two experts (gate and up fused, then down); then the 131072 x 2048 output head.
-//! * `matmul`: 128 tokens through an 8192 x 2048 expert matrix.
+//! * `matmul`: 128 tokens through an 8192 x 2048 expert matrix, with bf16.
 //! * `small`: a 512 x 2048 matrix that stays in cache: per-call overhead and compute speed.
+//!
+//! On a shared machine the means move with the other load; compare runs made together.
 //! * `dispatch`: an empty parallel job on the kernels' pool and on rayon.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};

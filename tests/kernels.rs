@@ -406,3 +406,10 @@ fn empty_shapes() {
         }
     }
 }
+
+/// Weights are shared between threads (the model's, the residency layer's).
+#[test]
+fn matrix_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Matrix>();
+}

@@ -39,7 +39,7 @@ pub(crate) const PF_LINES: usize = 5;
 /// The nibble table: q - 8.
 pub(crate) const TABLE: [i8; 16] = [-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7];
 
-const _: () = assert!(SB_BYTES == 2368 && SB_BYTES % 64 == 0 && DMIN_OFF + 32 == SB_BYTES);
+const _: () = assert!(SB_BYTES == 37 * 64 && DMIN_OFF + 32 == SB_BYTES);
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct K4Tiles {
