@@ -2,6 +2,7 @@
 //! `model.safetensors.index.json`, in keyfan or hpcai naming, bf16 / f16 / f32.
 
 use super::names::{parse_hf, Naming, Parsed, Tensor};
+use super::strided::{decode, DType};
 use super::{check_tensor_set, SourceTensor, TensorSource};
 use crate::config::GrokConfig;
 use crate::error::{Error, IoContext, Result};
@@ -176,24 +177,13 @@ impl TensorSource for SafetensorsSource {
             return Err(Error::bad_tensor(t.to_string(), "row range past the end of the tensor"));
         }
         let bytes = &self.files[e.file].1[start..end];
-        match e.dtype {
-            Dtype::BF16 => {
-                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
-                }
-            }
-            Dtype::F16 => {
-                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                }
-            }
-            Dtype::F32 => {
-                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
-            }
+        let dtype = match e.dtype {
+            Dtype::BF16 => DType::BF16,
+            Dtype::F16 => DType::F16,
+            Dtype::F32 => DType::F32,
             _ => unreachable!("dtype checked at open"),
-        }
+        };
+        decode(dtype, bytes, out);
         Ok(())
     }
 
