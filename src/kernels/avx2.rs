@@ -18,38 +18,54 @@ const PF_INT: usize = 2048;
 /// Activation vectors sharing one pass over a tile (16 ymm registers limit it).
 const MAXT: usize = 4;
 
+/// How a block's bytes decode (a const parameter of the kernels).
+const Q8: u8 = 0;
+/// Nibbles through a table (iq4_nl): signed values, sign trick.
+const TABLE: u8 = 1;
+/// Nibbles whose value is `n - 8` (q4_0, q4_k): the nibble itself is the unsigned operand, with
+/// no sign trick, and `8 * sum(x)` is taken off the block sum.
+const LINEAR: u8 = 2;
+
 pub(crate) unsafe fn int_tiles(j: &IntJob, tiles: Range<usize>) {
-    let nib = j.t.kind == IntKind::Nib;
+    let kind = match j.t.kind {
+        IntKind::Q8 => Q8,
+        IntKind::Nib if j.t.table == std::array::from_fn(|n| n as i8 - 8) => LINEAR,
+        IntKind::Nib => TABLE,
+    };
     for ti in tiles {
         let mut t0 = 0;
         while t0 < j.acts.n {
             let m = (j.acts.n - t0).min(MAXT);
-            match (nib, m) {
-                (true, 1) => tile::<true, 1>(j, ti, t0),
-                (true, 2) => tile::<true, 2>(j, ti, t0),
-                (true, 3) => tile::<true, 3>(j, ti, t0),
-                (true, _) => tile::<true, 4>(j, ti, t0),
-                (false, 1) => tile::<false, 1>(j, ti, t0),
-                (false, 2) => tile::<false, 2>(j, ti, t0),
-                (false, 3) => tile::<false, 3>(j, ti, t0),
-                (false, _) => tile::<false, 4>(j, ti, t0),
+            macro_rules! go {
+                ($($k:ident, $t:literal);*) => {
+                    match (kind, m) {
+                        $(($k, $t) => tile::<$k, $t>(j, ti, t0),)*
+                        _ => unreachable!(),
+                    }
+                };
             }
+            go!(Q8, 1; Q8, 2; Q8, 3; Q8, 4; TABLE, 1; TABLE, 2; TABLE, 3; TABLE, 4;
+                LINEAR, 1; LINEAR, 2; LINEAR, 3; LINEAR, 4);
             t0 += m;
         }
     }
 }
 
-/// Signed weights of 8 rows (one half of a tile) of one block.
+/// Weights of 8 rows (one half of a tile) of one block: signed, or raw nibbles for `LINEAR`.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn decode<const NIB: bool>(q: *const u8, stab: __m256i) -> [__m256i; 8] {
+unsafe fn decode<const KIND: u8>(q: *const u8, stab: __m256i) -> [__m256i; 8] {
     let mut w = [_mm256_setzero_si256(); 8];
-    if NIB {
+    if KIND != Q8 {
         let low = _mm256_set1_epi8(0x0f);
         for k in 0..4 {
             let v = _mm256_load_si256(q.add(64 * k) as *const __m256i);
-            w[k] = _mm256_shuffle_epi8(stab, _mm256_and_si256(v, low));
-            w[k + 4] = _mm256_shuffle_epi8(stab, _mm256_and_si256(_mm256_srli_epi16::<4>(v), low));
+            w[k] = _mm256_and_si256(v, low);
+            w[k + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+            if KIND == TABLE {
+                w[k] = _mm256_shuffle_epi8(stab, w[k]);
+                w[k + 4] = _mm256_shuffle_epi8(stab, w[k + 4]);
+            }
         }
     } else {
         let bias = _mm256_set1_epi8(-128);
@@ -60,18 +76,37 @@ unsafe fn decode<const NIB: bool>(q: *const u8, stab: __m256i) -> [__m256i; 8] {
     w
 }
 
-/// Per 32-bit lane, the sum of four products of signed bytes.
+/// Per 32-bit lane, the sum of four products of bytes: signed weights, or (`LINEAR`) unsigned
+/// nibbles, whose products with int8 cannot saturate `vpmaddubsw` either (2 * 15 * 128).
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn dot4(w: __m256i, x: __m256i, ones: __m256i) -> __m256i {
-    _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), ones)
+unsafe fn dot4<const KIND: u8>(w: __m256i, x: __m256i, ones: __m256i) -> __m256i {
+    if KIND == LINEAR {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones)
+    } else {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), ones)
+    }
+}
+
+/// Where a block's integer sum starts: `-8 * sum(x)` for `LINEAR` nibbles (from the bias
+/// correction `c = -128 * sum(x)`), else 0.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn isum_start<const KIND: u8>(c: i32) -> __m256i {
+    if KIND == LINEAR {
+        _mm256_set1_epi32(c / 16)
+    } else {
+        _mm256_setzero_si256()
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize) {
+unsafe fn tile<const KIND: u8, const T: usize>(j: &IntJob, ti: usize, t0: usize) {
+    const { assert!(KIND <= LINEAR) };
+    let nib = KIND != Q8;
     let t = j.t;
     // Compile-time sizes, so the prefetch loop unrolls.
-    let (qb, pb) = if NIB { (256, 576) } else { (512, 1088) };
+    let (qb, pb) = if nib { (256, 576) } else { (512, 1088) };
     debug_assert_eq!((qb, pb), (t.qbytes(), t.pair_bytes()));
     let base = j.data.add(ti * t.tile_bytes());
     let stab = _mm256_broadcastsi128_si256(_mm_loadu_si128(t.table.as_ptr() as *const __m128i));
@@ -79,6 +114,7 @@ unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize
     let acts = j.acts;
     let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
     let xd: [*const f32; T] = std::array::from_fn(|k| acts.d_ptr(t0 + k));
+    let xc: [*const i32; T] = std::array::from_fn(|k| acts.c_ptr(t0 + k));
     let mut acc = [[_mm256_setzero_ps(); 2]; T];
     for p in 0..t.nbp / 2 {
         let pair = base.add(p * pb);
@@ -92,16 +128,16 @@ unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize
             }
             let b = 2 * p + h;
             for half in 0..2 {
-                let w = decode::<NIB>(pair.add(h * qb + 32 * half), stab);
+                let w = decode::<KIND>(pair.add(h * qb + 32 * half), stab);
                 let sp = pair.add(2 * qb + h * 32 + 16 * half);
                 let dw = _mm256_cvtph_ps(_mm_load_si128(sp as *const __m128i));
                 for k in 0..T {
                     let x = xq[k].add(b * 8);
-                    let mut s0 = _mm256_setzero_si256();
+                    let mut s0 = isum_start::<KIND>(*xc[k].add(b));
                     let mut s1 = _mm256_setzero_si256();
                     for g in (0..8).step_by(2) {
-                        s0 = _mm256_add_epi32(s0, dot4(w[g], _mm256_set1_epi32(*x.add(g)), ones));
-                        s1 = _mm256_add_epi32(s1, dot4(w[g + 1], _mm256_set1_epi32(*x.add(g + 1)), ones));
+                        s0 = _mm256_add_epi32(s0, dot4::<KIND>(w[g], _mm256_set1_epi32(*x.add(g)), ones));
+                        s1 = _mm256_add_epi32(s1, dot4::<KIND>(w[g + 1], _mm256_set1_epi32(*x.add(g + 1)), ones));
                     }
                     let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xd[k].add(b)));
                     let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
@@ -233,11 +269,13 @@ unsafe fn bytes_f32(p: *const u8) -> __m256 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
     let base = j.data.add(ti * j.k.tile_bytes());
-    let stab = _mm256_broadcastsi128_si256(_mm_loadu_si128(k4::TABLE.as_ptr() as *const __m128i));
+    // q4_k's nibble table is q - 8: linear.
+    let stab = _mm256_setzero_si256();
     let ones = _mm256_set1_epi16(1);
     let acts = j.acts;
     let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
     let xd: [*const f32; T] = std::array::from_fn(|k| acts.d_ptr(t0 + k));
+    let xc: [*const i32; T] = std::array::from_fn(|k| acts.c_ptr(t0 + k));
     let xs: [*const f32; T] = std::array::from_fn(|k| acts.s_ptr(t0 + k));
     let mut acc = [[_mm256_setzero_ps(); 2]; T];
     for s in 0..j.k.nsb {
@@ -251,17 +289,17 @@ unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
             let mv = _mm256_cvtph_ps(_mm_load_si128(sb.add(k4::DMIN_OFF + 16 * half) as *const __m128i));
             for sub in 0..k4::SUB {
                 let b = s * k4::SUB + sub;
-                let w = decode::<true>(sb.add(sub * 256 + 32 * half), stab);
+                let w = decode::<LINEAR>(sb.add(sub * 256 + 32 * half), stab);
                 let dsc = _mm256_mul_ps(dv, bytes_f32(sb.add(k4::SC_OFF + sub * TILE + 8 * half)));
                 let mn = _mm256_mul_ps(mv, bytes_f32(sb.add(k4::M_OFF + sub * TILE + 8 * half)));
                 let off = _mm256_sub_ps(mn, _mm256_mul_ps(_mm256_set1_ps(8.0), dsc));
                 for k in 0..T {
                     let x = xq[k].add(b * 8);
-                    let mut s0 = _mm256_setzero_si256();
+                    let mut s0 = isum_start::<LINEAR>(*xc[k].add(b));
                     let mut s1 = _mm256_setzero_si256();
                     for g in (0..8).step_by(2) {
-                        s0 = _mm256_add_epi32(s0, dot4(w[g], _mm256_set1_epi32(*x.add(g)), ones));
-                        s1 = _mm256_add_epi32(s1, dot4(w[g + 1], _mm256_set1_epi32(*x.add(g + 1)), ones));
+                        s0 = _mm256_add_epi32(s0, dot4::<LINEAR>(w[g], _mm256_set1_epi32(*x.add(g)), ones));
+                        s1 = _mm256_add_epi32(s1, dot4::<LINEAR>(w[g + 1], _mm256_set1_epi32(*x.add(g + 1)), ones));
                     }
                     let scale = _mm256_mul_ps(dsc, _mm256_set1_ps(*xd[k].add(b)));
                     let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));

@@ -73,6 +73,19 @@ unsafe fn decode_nib(q: *const u8, tbl: __m512i, low: __m512i) -> [__m512i; 8] {
     w
 }
 
+/// Raw nibbles, low then high: vpdpbusd's unsigned operand as they are.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn decode_raw(q: *const u8, low: __m512i) -> [__m512i; 8] {
+    let mut w = [_mm512_setzero_si512(); 8];
+    for k in 0..4 {
+        let v = _mm512_load_si512(q.add(64 * k) as *const _);
+        w[k] = _mm512_and_si512(v, low);
+        w[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+    }
+    w
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize) {
     let t = j.t;
@@ -222,8 +235,6 @@ unsafe fn bytes_f32(p: *const u8) -> __m512 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
     let base = j.data.add(ti * j.k.tile_bytes());
-    let utab = k4::TABLE.map(|v| (v as u8) ^ 0x80);
-    let tbl = _mm512_broadcast_i32x4(_mm_loadu_si128(utab.as_ptr() as *const __m128i));
     let low = _mm512_set1_epi8(0x0f);
     let acts = j.acts;
     let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
@@ -242,13 +253,15 @@ unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
             }
             let b = s * k4::SUB + sub;
-            let w = decode_nib(sb.add(sub * 256), tbl, low);
+            // The table is q - 8: the raw nibble is the unsigned operand, and the block sum
+            // starts at -8 * sum(x) = c / 16 instead of the bias correction c.
+            let w = decode_raw(sb.add(sub * 256), low);
             let dsc = _mm512_mul_ps(dv, bytes_f32(sb.add(k4::SC_OFF + sub * TILE)));
             let mn = _mm512_mul_ps(mv, bytes_f32(sb.add(k4::M_OFF + sub * TILE)));
             let off = _mm512_sub_ps(mn, _mm512_mul_ps(_mm512_set1_ps(8.0), dsc));
             for k in 0..T {
                 let x = xq[k].add(b * 8);
-                let mut s0 = _mm512_set1_epi32(*xc[k].add(b));
+                let mut s0 = _mm512_set1_epi32(*xc[k].add(b) / 16);
                 let mut s1 = _mm512_setzero_si512();
                 for g in (0..8).step_by(2) {
                     s0 = _mm512_dpbusd_epi32(s0, w[g], _mm512_set1_epi32(*x.add(g)));

@@ -160,7 +160,7 @@ pub(crate) unsafe fn tiles_scalar(j: &K4Job, tiles: Range<usize>) {
                         let b = s * SUB + sub;
                         let x = j.acts.q(tok, b);
                         let q = &sb[sub * 256..(sub + 1) * 256];
-                        let isum: i32 = (0..QK).map(|e| (nibble(q, i, e) as i32 - 8) * x[e] as i32).sum();
+                        let isum: i32 = (0..QK).map(|e| TABLE[nibble(q, i, e) as usize] as i32 * x[e] as i32).sum();
                         let dsc = d * sb[SC_OFF + sub * TILE + i] as f32;
                         let off = dmin * sb[M_OFF + sub * TILE + i] as f32 - 8.0 * dsc;
                         acc = (isum as f32).mul_add(dsc * j.acts.d(tok, b), acc);

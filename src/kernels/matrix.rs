@@ -133,6 +133,14 @@ impl Matrix {
         self.qtype.row_bytes(self.cols).unwrap() * self.rows
     }
 
+    /// Bytes of memory the runtime layout holds (padding included; q4_k keeps its 6-bit scales
+    /// as bytes, 4.625 bits per weight against 4.5 on disk).
+    pub fn resident_bytes(&self) -> usize {
+        match &self.store {
+            Store::Float(_, b) | Store::Tiled(_, b) | Store::K4(_, b) => b.len(),
+        }
+    }
+
     /// Row `r` as f32 (embedding lookup); `out.len()` must be `cols`.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         assert!(r < self.rows, "row {r} of a matrix with {} rows", self.rows);
