@@ -25,7 +25,7 @@ PY
 }
 input_bytes=$(cat "$dir/$preset"/*.safetensors | wc -c)
 printf '%-28s %10s %10s %12s\n' setting "wall s" "input GB/s" "peak RSS MB"
-for setting in "q8 q8" "q8 bf16" "q4 q8" "bf16 bf16"; do
+for setting in "q8 q8" "q4 q8" "bf16 bf16"; do
     set -- $setting
     out="$dir/out-$1-$2"
     rm -rf "$out"
