@@ -125,8 +125,7 @@ impl Model {
         let w = &self.weights;
         let emb = &w.embedding;
         let mut total = emb.nbytes() / emb.rows + emb.nbytes() + 4 * w.output_norm.len();
-        for (l, lw) in w.layers.iter().enumerate() {
-            let _ = l;
+        for lw in &w.layers {
             total += lw.dense_nbytes() + self.config.n_experts_per_token * self.expert_bytes;
         }
         total
