@@ -1,9 +1,9 @@
 //! Filling `Weights` from a converted model directory, and finding its tokenizer.
 
 use super::weights::{ExpertWeights, LayerWeights, Weights};
-use crate::checkpoint::Tensor;
+use crate::checkpoint::{Proj, Tensor};
 use crate::error::{Error, IoContext, Result};
-use crate::format::manifest::{ExpertChunk, ProjName};
+use crate::format::manifest::ExpertChunk;
 use crate::format::ConvertedModel;
 use crate::kernels::Matrix;
 use crate::quant::QuantType;
@@ -32,20 +32,8 @@ fn dense_f32(m: &ConvertedModel, t: Tensor) -> Result<Vec<f32>> {
 
 /// Build one expert's matrices from its raw chunk bytes.
 pub fn expert_from_chunk(chunk: &ExpertChunk, raw: &[u8]) -> Result<ExpertWeights> {
-    let get = |p: ProjName| -> Result<Matrix> {
-        let what = || format!("blk.{}.expert.{}.{}", chunk.layer, chunk.expert, p.as_str());
-        let t = chunk
-            .tensors
-            .iter()
-            .find(|t| t.proj == p)
-            .ok_or_else(|| Error::bad_tensor(what(), "missing from its chunk"))?;
-        if t.shape.len() != 2 {
-            return Err(Error::bad_tensor(what(), format!("expected a matrix, found shape {:?}", t.shape)));
-        }
-        let bytes = &raw[t.offset as usize..(t.offset + t.bytes) as usize];
-        Matrix::from_bytes(t.qtype, t.shape[0], t.shape[1], bytes).map_err(|e| Error::bad_tensor(what(), e.to_string()))
-    };
-    Ok(ExpertWeights { gate: get(ProjName::Gate)?, up: get(ProjName::Up)?, down: get(ProjName::Down)? })
+    let part = |proj| crate::residency::chunk_matrix(chunk, raw, proj);
+    Ok(ExpertWeights { gate: part(Proj::Gate)?, up: part(Proj::Up)?, down: part(Proj::Down)? })
 }
 
 /// Load every weight into memory. `progress` receives stored bytes as they are loaded.

@@ -70,26 +70,28 @@ impl Expert {
 
     /// Build from a raw (decompressed) chunk.
     pub(crate) fn from_chunk(chunk: &ExpertChunk, raw: &[u8], live: &Arc<LiveBytes>) -> Result<Expert> {
-        let part = |proj: Proj| -> Result<Matrix> {
-            let name = || Tensor::Expert { layer: chunk.layer, expert: chunk.expert, proj }.to_string();
-            let t = chunk
-                .tensors
-                .iter()
-                .find(|t| t.proj == ProjName::from(proj))
-                .ok_or_else(|| Error::bad_tensor(name(), "missing from its expert chunk"))?;
-            if t.shape.len() != 2 {
-                return Err(Error::bad_tensor(name(), format!("shape {:?}, expected a matrix", t.shape)));
-            }
-            let bytes = raw
-                .get(t.offset as usize..(t.offset + t.bytes) as usize)
-                .ok_or_else(|| Error::bad_tensor(name(), "lies past the end of its chunk"))?;
-            Matrix::from_bytes(t.qtype, t.shape[0], t.shape[1], bytes)
-                .map_err(|e| Error::bad_tensor(name(), e.to_string()))
-        };
+        let part = |proj| chunk_matrix(chunk, raw, proj);
         let (gate, up, down) = (part(Proj::Gate)?, part(Proj::Up)?, part(Proj::Down)?);
         let bytes = (gate.nbytes() + up.nbytes() + down.nbytes()) as u64;
         Ok(Expert { gate, up, down, live: LiveGuard::new(live.clone(), bytes) })
     }
+}
+
+/// One projection of an expert, from the raw (decompressed) bytes of its chunk.
+pub fn chunk_matrix(chunk: &ExpertChunk, raw: &[u8], proj: Proj) -> Result<Matrix> {
+    let name = || Tensor::Expert { layer: chunk.layer, expert: chunk.expert, proj }.to_string();
+    let t = chunk
+        .tensors
+        .iter()
+        .find(|t| t.proj == ProjName::from(proj))
+        .ok_or_else(|| Error::bad_tensor(name(), "missing from its expert chunk"))?;
+    if t.shape.len() != 2 {
+        return Err(Error::bad_tensor(name(), format!("shape {:?}, expected a matrix", t.shape)));
+    }
+    let bytes = raw
+        .get(t.offset as usize..(t.offset + t.bytes) as usize)
+        .ok_or_else(|| Error::bad_tensor(name(), "lies past the end of its chunk"))?;
+    Matrix::from_bytes(t.qtype, t.shape[0], t.shape[1], bytes).map_err(|e| Error::bad_tensor(name(), e.to_string()))
 }
 
 impl std::fmt::Debug for Expert {
