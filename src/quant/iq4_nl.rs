@@ -15,7 +15,7 @@
 //! Nearest-grid lookup is one table load: every grid midpoint is a multiple of 0.5, so cells of
 //! width 0.5 never straddle one.
 
-use super::{block_scale, f16_round, f16_scale, hsum, QK};
+use super::{f16_round, f16_scale, hsum, QK};
 
 pub const BLOCK_BYTES: usize = 2 + QK / 2;
 
@@ -213,13 +213,7 @@ fn quantize_row_generic(row: &[f32], out: &mut [u8]) {
 
 #[inline(always)]
 fn dequantize_row_generic(bytes: &[u8], out: &mut [f32]) {
-    for (b, y) in bytes.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(QK)) {
-        let d = block_scale(b);
-        for j in 0..QK / 2 {
-            y[j] = d * IQ4_NL_GRID[(b[2 + j] & 0x0f) as usize] as f32;
-            y[j + QK / 2] = d * IQ4_NL_GRID[(b[2 + j] >> 4) as usize] as f32;
-        }
-    }
+    super::dequantize_nibble_row(bytes, out, &IQ4_NL_GRID);
 }
 
 super::multiversion!(quantize_row, quantize_row_generic, quantize_row_avx2, (row: &[f32], out: &mut [u8]));

@@ -196,6 +196,20 @@ impl FromStr for QuantType {
     }
 }
 
+/// Dequantize a row of 4-bit blocks (f16 scale, then 16 bytes: byte j holds weight j in its low
+/// nibble and weight j + 16 in its high nibble), each nibble mapped through `table`. q4_0 and
+/// iq4_nl differ only in that table.
+#[inline(always)]
+pub(crate) fn dequantize_nibble_row(bytes: &[u8], out: &mut [f32], table: &[i8; 16]) {
+    for (b, y) in bytes.chunks_exact(2 + QK / 2).zip(out.chunks_exact_mut(QK)) {
+        let d = block_scale(b);
+        for j in 0..QK / 2 {
+            y[j] = d * table[(b[2 + j] & 0x0f) as usize] as f32;
+            y[j + QK / 2] = d * table[(b[2 + j] >> 4) as usize] as f32;
+        }
+    }
+}
+
 /// Read the little-endian f16 scale at the start of a block.
 #[inline(always)]
 pub(crate) fn block_scale(block: &[u8]) -> f32 {

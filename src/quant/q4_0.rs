@@ -8,7 +8,7 @@
 //! truncates through an int8_t, Rust through `as i32`; both truncate toward zero and the value
 //! lies in [0.5, 16.5].) `tests/ggml_crosscheck.rs` checks the bytes against ggml itself.
 
-use super::{block_scale, f16_scale, QK};
+use super::{f16_scale, QK};
 
 pub const BLOCK_BYTES: usize = 2 + QK / 2;
 
@@ -32,6 +32,9 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
     }
 }
 
+/// Nibble n stands for n - 8.
+const Q4_0_TABLE: [i8; 16] = [-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7];
+
 #[inline(always)]
 fn quantize_row_generic(row: &[f32], out: &mut [u8]) {
     for (x, b) in row.chunks_exact(QK).zip(out.chunks_exact_mut(BLOCK_BYTES)) {
@@ -41,13 +44,7 @@ fn quantize_row_generic(row: &[f32], out: &mut [u8]) {
 
 #[inline(always)]
 fn dequantize_row_generic(bytes: &[u8], out: &mut [f32]) {
-    for (b, y) in bytes.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(QK)) {
-        let d = block_scale(b);
-        for j in 0..QK / 2 {
-            y[j] = d * ((b[2 + j] & 0x0f) as i32 - 8) as f32;
-            y[j + QK / 2] = d * ((b[2 + j] >> 4) as i32 - 8) as f32;
-        }
-    }
+    super::dequantize_nibble_row(bytes, out, &Q4_0_TABLE);
 }
 
 super::multiversion!(quantize_row, quantize_row_generic, quantize_row_avx2, (row: &[f32], out: &mut [u8]));
