@@ -172,8 +172,8 @@ fn plan(src: &dyn TensorSource, opts: &ConvertOptions) -> Result<Plan> {
         let s = src.tensor(t).ok_or_else(|| Error::bad_tensor(t.to_string(), "missing"))?;
         let (rows, cols) = (s.rows(), s.cols());
         let qtype = match qtype_for(t, opts) {
-            // q4_k needs rows of whole 256-weight super-blocks; shorter rows get iq4_nl.
-            QuantType::Q4K => QuantType::int4_for(cols),
+            // q4_s and q4_k need rows of whole 256-weight super-blocks; other rows get iq4_nl.
+            QuantType::Q4S | QuantType::Q4K if cols % QuantType::Q4S.block_len() != 0 => QuantType::Iq4Nl,
             q => q,
         };
         let row_bytes = qtype.row_bytes(cols).ok_or_else(|| {

@@ -7,7 +7,7 @@
 //! | f32, bf16       | the values, `[rows][cols]`                     | none                   |
 //! | q8_0            | `[rows][cols]` i8                              | `[rows][cols/32]` f16  |
 //! | q4_0, iq4_nl    | `[rows][cols/2]`: each block's 16 nibble bytes | `[rows][cols/32]` f16  |
-//! | q4_k            | the 144-byte super-blocks as stored            | none                   |
+//! | q4_k, q4_s      | the 144-byte super-blocks as stored            | none                   |
 //!
 //! The layout holds exactly the on-disk bytes, reordered. Plain host code, built without CUDA,
 //! so that the repacking is tested everywhere (`DeviceLayout::dequantize_row` reads a row back).
@@ -73,7 +73,7 @@ impl DeviceLayout {
         let nb = cols / QK;
         let scale = |b: usize| half::f16::from_bits(self.d[r * nb + b]).to_f32();
         match self.qtype {
-            QuantType::F32 | QuantType::Bf16 | QuantType::Q4K => {
+            QuantType::F32 | QuantType::Bf16 | QuantType::Q4K | QuantType::Q4S => {
                 let rb = self.qtype.row_bytes(cols).expect("validated at repack");
                 self.qtype.dequantize_row(&self.w[r * rb..(r + 1) * rb], out);
             }

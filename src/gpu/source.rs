@@ -32,6 +32,7 @@ pub fn matvec_kernel(q: QuantType) -> &'static str {
         QuantType::Q4_0 => "matvec_q4_0",
         QuantType::Iq4Nl => "matvec_iq4_nl",
         QuantType::Q4K => "matvec_q4_k",
+        QuantType::Q4S => "matvec_q4_s",
     }
 }
 
@@ -44,6 +45,7 @@ pub fn matmul_kernel(q: QuantType) -> &'static str {
         QuantType::Q4_0 => "matmul_q4_0",
         QuantType::Iq4Nl => "matmul_iq4_nl",
         QuantType::Q4K => "matmul_q4_k",
+        QuantType::Q4S => "matmul_q4_s",
     }
 }
 

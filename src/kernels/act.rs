@@ -18,11 +18,14 @@ pub(crate) struct QActs {
     c: Vec<i32>,
     /// The exact (f32) sum of each block of `x`, for the offset term of q4_k.
     s: Vec<f32>,
+    /// `c` split into the block's two halves of 16 (`[lo, hi]` per block), for q4_s, whose
+    /// halves have scales of their own.
+    h: Vec<i32>,
 }
 
 impl QActs {
     pub(crate) fn new() -> QActs {
-        QActs { n: 0, nbp: 0, xq: AlignedBuf::zeroed(0), d: Vec::new(), c: Vec::new(), s: Vec::new() }
+        QActs { n: 0, nbp: 0, xq: AlignedBuf::zeroed(0), d: Vec::new(), c: Vec::new(), s: Vec::new(), h: Vec::new() }
     }
 
     /// Quantize `xs` (`[n, cols]`) into `nbp` (>= cols / 32) blocks per vector.
@@ -41,6 +44,8 @@ impl QActs {
         self.c.resize(n * nbp, 0);
         self.s.clear();
         self.s.resize(n * nbp, 0.0);
+        self.h.clear();
+        self.h.resize(2 * n * nbp, 0);
         let nb = cols / QK;
         let xq = &mut self.xq.as_mut_slice()[..need];
         for t in 0..n {
@@ -52,7 +57,8 @@ impl QActs {
                 &mut q[..nb * QK],
                 &mut self.d[blocks.clone()],
                 &mut self.c[blocks.clone()],
-                &mut self.s[blocks],
+                &mut self.s[blocks.clone()],
+                &mut self.h[2 * blocks.start..2 * blocks.end],
             );
             q[nb * QK..].fill(0);
         }
@@ -88,6 +94,19 @@ impl QActs {
         self.s[t * self.nbp..].as_ptr()
     }
 
+    /// Half-block bias corrections of vector `t`: `[lo, hi]` per block.
+    #[inline(always)]
+    pub(crate) fn h_ptr(&self, t: usize) -> *const i32 {
+        self.h[2 * t * self.nbp..].as_ptr()
+    }
+
+    /// The int8 sums of the two halves of block `b` of vector `t`.
+    #[inline(always)]
+    pub(crate) fn half_sums(&self, t: usize, b: usize) -> (i32, i32) {
+        let at = 2 * (t * self.nbp + b);
+        (self.h[at] / -128, self.h[at + 1] / -128)
+    }
+
     #[inline(always)]
     pub(crate) fn sum(&self, t: usize, b: usize) -> f32 {
         self.s[t * self.nbp + b]
@@ -99,15 +118,15 @@ impl QActs {
     }
 }
 
-type Row<'a> = (&'a [f32], &'a mut [u8], &'a mut [f32], &'a mut [i32], &'a mut [f32]);
+type Row<'a> = (&'a [f32], &'a mut [u8], &'a mut [f32], &'a mut [i32], &'a mut [f32], &'a mut [i32]);
 
-fn quantize_row(x: &[f32], q: &mut [u8], d: &mut [f32], c: &mut [i32], s: &mut [f32]) {
+fn quantize_row(x: &[f32], q: &mut [u8], d: &mut [f32], c: &mut [i32], s: &mut [f32], h: &mut [i32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // The same source compiled for wider vectors: identical results, several times faster.
-        return unsafe { quantize_row_avx2((x, q, d, c, s)) };
+        return unsafe { quantize_row_avx2((x, q, d, c, s, h)) };
     }
-    quantize_row_generic((x, q, d, c, s))
+    quantize_row_generic((x, q, d, c, s, h))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -117,14 +136,20 @@ unsafe fn quantize_row_avx2(row: Row) {
 }
 
 #[inline(always)]
-fn quantize_row_generic((x, q, d, c, s): Row) {
+fn quantize_row_generic((x, q, d, c, s, h): Row) {
     let blocks = x.chunks_exact(QK).zip(q.chunks_exact_mut(QK));
-    for ((((x, q), d), c), s) in blocks.zip(d).zip(c).zip(s) {
+    for (((((x, q), d), c), s), h) in blocks.zip(d).zip(c).zip(s).zip(h.chunks_exact_mut(2)) {
         let x: &[f32; QK] = x.try_into().unwrap();
         let q: &mut [u8; QK] = q.try_into().unwrap();
         let (scale, sum) = quantize_block(x, q);
         *d = scale;
         *c = -128 * sum;
+        let mut lo = 0i32;
+        for &v in &q[..QK / 2] {
+            lo += v as i8 as i32;
+        }
+        h[0] = -128 * lo;
+        h[1] = -128 * (sum - lo);
         // In order, so every path sees the same value.
         *s = x.iter().fold(0f32, |a, v| a + v);
     }

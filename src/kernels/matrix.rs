@@ -3,7 +3,8 @@
 use super::act::QActs;
 use super::pack::{self, AlignedBuf, FloatTiles, Tiled, TILE};
 use super::k4::{self, K4Job, K4Tiles};
-use super::{float_tiles, int_tiles, k4_tiles, pool, selected, FloatJob, IntJob, Isa};
+use super::s4::{self, S4Job};
+use super::{float_tiles, int_tiles, k4_tiles, pool, s4_tiles, selected, FloatJob, IntJob, Isa};
 use crate::error::{Error, Result};
 use crate::quant::{QuantType, QK};
 use std::cell::RefCell;
@@ -24,6 +25,8 @@ pub struct Matrix {
 enum Store {
     Float(FloatTiles, AlignedBuf),
     K4(K4Tiles, AlignedBuf),
+    /// q4_s: q4_k's super-block geometry, its own contents (`s4`).
+    S4(K4Tiles, AlignedBuf),
     Tiled(Tiled, AlignedBuf),
 }
 
@@ -44,6 +47,11 @@ impl Matrix {
                 let k = K4Tiles::new(rows, cols);
                 let len = k.tiles * k.tile_bytes();
                 Store::K4(k, AlignedBuf::zeroed(len))
+            }
+            QuantType::Q4S => {
+                let k = K4Tiles::new(rows, cols);
+                let len = k.tiles * k.tile_bytes();
+                Store::S4(k, AlignedBuf::zeroed(len))
             }
             _ => {
                 let t = Tiled::new(qtype, rows, cols);
@@ -88,8 +96,9 @@ impl Matrix {
                     pool::run(chunks, &job)
                 }
             }
-            Store::K4(k, buf) => {
+            Store::K4(k, buf) | Store::S4(k, buf) => {
                 let k = *k;
+                let pack = if qtype == QuantType::Q4S { s4::pack } else { k4::pack };
                 let tb = k.tile_bytes();
                 let out = SyncPtr(buf.as_mut_slice().as_mut_ptr());
                 let chunks = k.tiles.min(4 * pool::threads());
@@ -97,7 +106,7 @@ impl Matrix {
                     let (a, b) = (k.tiles * i / chunks, k.tiles * (i + 1) / chunks);
                     // Threads write disjoint whole tiles of the buffer.
                     let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(a * tb), (b - a) * tb) };
-                    k4::pack(&k, rows, bytes, a, dst);
+                    pack(&k, rows, bytes, a, dst);
                 };
                 if bytes.len() < SERIAL_WORK {
                     (0..chunks).for_each(job)
@@ -133,11 +142,11 @@ impl Matrix {
         self.qtype.row_bytes(self.cols).unwrap() * self.rows
     }
 
-    /// Bytes of memory the runtime layout holds (padding included; q4_k keeps its 6-bit scales
-    /// as bytes, 4.625 bits per weight against 4.5 on disk).
+    /// Bytes of memory the runtime layout holds (padding included; q4_k and q4_s keep their
+    /// sub-block scales as bytes, 4.625 bits per weight against 4.5 on disk).
     pub fn resident_bytes(&self) -> usize {
         match &self.store {
-            Store::Float(_, b) | Store::Tiled(_, b) | Store::K4(_, b) => b.len(),
+            Store::Float(_, b) | Store::Tiled(_, b) | Store::K4(_, b) | Store::S4(_, b) => b.len(),
         }
     }
 
@@ -148,6 +157,7 @@ impl Matrix {
         match &self.store {
             Store::Float(f, buf) => pack::unpack_float_row(f, buf.as_slice(), r, out),
             Store::K4(k, buf) => k4::unpack_row(k, buf.as_slice(), r, out),
+            Store::S4(k, buf) => s4::unpack_row(k, buf.as_slice(), r, out),
             Store::Tiled(t, buf) => pack::unpack_row(t, buf.as_slice(), r, self.cols, out),
         }
     }
@@ -188,7 +198,7 @@ impl Matrix {
         if n == 0 {
             return;
         }
-        let needs_acts = outs.iter().any(|(m, _)| matches!(m.store, Store::Tiled(..) | Store::K4(..)));
+        let needs_acts = outs.iter().any(|(m, _)| matches!(m.store, Store::Tiled(..) | Store::K4(..) | Store::S4(..)));
         ACTS.with(|cell| {
             let mut acts = cell.borrow_mut();
             if needs_acts {
@@ -230,6 +240,14 @@ impl Matrix {
                 y,
                 ystride: self.rows,
             }),
+            Store::S4(k, buf) => Part::S4(S4Job {
+                k,
+                data: buf.as_ptr(),
+                rows: self.rows,
+                acts,
+                y,
+                ystride: self.rows,
+            }),
         }
     }
 }
@@ -238,6 +256,7 @@ enum Part<'a> {
     Int(IntJob<'a>),
     Float(FloatJob<'a>),
     K4(K4Job<'a>),
+    S4(S4Job<'a>),
 }
 
 impl Part<'_> {
@@ -248,6 +267,7 @@ impl Part<'_> {
             Part::Int(j) => (j.t.tiles, j.t.tile_bytes().max(1)),
             Part::Float(j) => (j.f.tiles, j.f.tile_bytes().max(1)),
             Part::K4(j) => (j.k.tiles, j.k.tile_bytes().max(1)),
+            Part::S4(j) => (j.k.tiles, j.k.tile_bytes().max(1)),
         }
     }
 
@@ -256,6 +276,7 @@ impl Part<'_> {
             Part::Int(j) => int_tiles(isa, j, units),
             Part::Float(j) => float_tiles(isa, j, units),
             Part::K4(j) => k4_tiles(isa, j, units),
+            Part::S4(j) => s4_tiles(isa, j, units),
         }
     }
 }

@@ -2,16 +2,17 @@
 //! (rows = output channels, blocks along `cols`) in a runtime layout (`pack`) and multiplies it by
 //! activations.
 //!
-//! * q8_0 / q4_0 / iq4_nl / q4_k: activations are quantized per block of 32 to int8 with an f32
-//!   scale (`act`), then integer dot products per block, scaled and summed in f32 (q4_k's
-//!   offsets meet the exact f32 block sums: `k4`).
+//! * q8_0 / q4_0 / iq4_nl / q4_k / q4_s: activations are quantized per block of 32 to int8 with
+//!   an f32 scale (`act`), then integer dot products per block, scaled and summed in f32 (q4_k's
+//!   offsets meet the exact f32 block sums: `k4`; q4_s's half-block scales apply in integers:
+//!   `s4`).
 //! * bf16 / f32: f32 products and sums, exact to f32 rounding.
 //!
-//! All are stored in tiles of 16 rows (`pack`, `k4`), so that each thread streams one contiguous
+//! All are stored in tiles of 16 rows (`pack`, `k4`, `s4`), so that each thread streams one contiguous
 //! run of memory and each output row is one vector lane. Repacking happens in `from_bytes` and
 //! `reload` (the latter reuses the memory: use it for weights streamed in and out).
 //!
-//! Each type has a scalar reference (`scalar`, `k4`) and SIMD paths for x86-64 AVX2 (+FMA, F16C),
+//! Each type has a scalar reference (`scalar`, `k4`, `s4`) and SIMD paths for x86-64 AVX2 (+FMA, F16C),
 //! AVX-512 with VNNI, and aarch64 NEON, chosen once at run time from the CPU's features; the
 //! environment variable `GROK1_KERNELS=scalar|avx2|avx512|neon` forces one. Work is split across
 //! a persistent thread pool (`pool`, also open to other work as `parallel_for`) in chunks of
@@ -22,6 +23,7 @@ mod bandwidth;
 mod k4;
 mod pack;
 mod pool;
+mod s4;
 mod scalar;
 
 #[cfg(target_arch = "x86_64")]
@@ -220,6 +222,14 @@ pub(crate) unsafe fn k4_tiles(isa: Isa, j: &k4::K4Job, tiles: Range<usize>) {
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => neon::k4_tiles(j, tiles),
         _ => k4::tiles_scalar(j, tiles),
+    }
+}
+
+/// Compute output tiles `tiles` of q4_s job `j` on `isa`. The caller guarantees
+/// `isa.is_available()`.
+pub(crate) unsafe fn s4_tiles(isa: Isa, j: &s4::S4Job, tiles: Range<usize>) {
+    match isa {
+        _ => s4::tiles_scalar(j, tiles),
     }
 }
 

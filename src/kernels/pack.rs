@@ -154,7 +154,7 @@ impl Tiled {
             QuantType::Q8_0 => (IntKind::Q8, [0; 16]),
             QuantType::Q4_0 => (IntKind::Nib, std::array::from_fn(|n| n as i8 - 8)),
             QuantType::Iq4Nl => (IntKind::Nib, IQ4_NL_GRID),
-            QuantType::F32 | QuantType::Bf16 | QuantType::Q4K => {
+            QuantType::F32 | QuantType::Bf16 | QuantType::Q4K | QuantType::Q4S => {
                 unreachable!("{qtype} is not tiled")
             }
         };

@@ -23,14 +23,14 @@ pub const IQ4_NL_GRID: [i8; 16] =
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 /// Grid positions tried for the block's largest-magnitude weight (see the module comment).
-const CANDIDATES: [f32; 12] =
+pub(crate) const CANDIDATES: [f32; 12] =
     [-137.0, -131.0, -125.0, -119.0, -113.0, -107.0, 94.8, 100.5, 106.2, 111.8, 117.5, 123.2];
-const NC: usize = CANDIDATES.len();
+pub(crate) const NC: usize = CANDIDATES.len();
 
 /// Cells of width 0.5 covering grid positions [-160, 160); positions beyond clamp to the ends,
 /// whose nearest grid point is the end point anyway.
 const NCELLS: usize = 640;
-const CELL_OFFSET: f32 = 320.0;
+pub(crate) const CELL_OFFSET: f32 = 320.0;
 
 const fn nearest_index_of_cell(c: usize) -> u8 {
     // Compare in quarter units so the cell centre (c / 2 - 160 + 0.25) is an integer.
@@ -58,7 +58,7 @@ const CELL_INDEX: [u8; NCELLS] = {
     t
 };
 
-const CELL_VALUE: [f32; NCELLS] = {
+pub(crate) const CELL_VALUE: [f32; NCELLS] = {
     let mut t = [0f32; NCELLS];
     let mut c = 0;
     while c < NCELLS {

@@ -10,11 +10,12 @@
 //! | q4_0    | 32    | 18          | 4.5         | f16 scale, 16 bytes of nibbles (q - 8)    |
 //! | iq4_nl  | 32    | 18          | 4.5         | f16 scale, 16 bytes of nibbles -> grid    |
 //! | q4_k    | 256   | 144         | 4.5         | f16 d, f16 dmin, 8 x 6-bit (sc, m), nibbles |
+//! | q4_s    | 256   | 144         | 4.5         | f16 d, 16 x 7-bit signed scales, nibbles -> grid |
 //!
-//! Our int4 is `q4_k` where a row is a whole number of 256-weight super-blocks and `iq4_nl`
-//! elsewhere (`QuantType::int4_for`); both beat `q4_0` at the same 4.5 bits per weight (see
-//! `formats/blocks.md` for the measurements). `q4_0` is here as the yardstick, and so that files
-//! quantized by others can be read. Every quantizer is deterministic: the same row gives the same
+//! Our int4 is `q4_s` (ours: no ggml twin) where a row is a whole number of 256-weight
+//! super-blocks and `iq4_nl` elsewhere (`QuantType::int4_for`); both beat `q4_0` at the same 4.5
+//! bits per weight, q4_s by the most (see `formats/blocks.md` for the measurements). `q4_0` is
+//! here as the yardstick, and so that files quantized by others can be read. Every quantizer is deterministic: the same row gives the same
 //! bytes on every CPU.
 
 /// Defines `pub fn $name($args)` running `$generic` compiled for AVX2 when the CPU has it (checked
@@ -45,6 +46,7 @@ pub mod iq4_nl;
 pub mod measure;
 pub mod q4_0;
 pub mod q4_k;
+pub mod q4_s;
 pub mod q8_0;
 
 pub use iq4_nl::IQ4_NL_GRID;
@@ -66,23 +68,25 @@ pub enum QuantType {
     Q4_0,
     Iq4Nl,
     Q4K,
+    Q4S,
 }
 
 impl QuantType {
-    pub const ALL: [QuantType; 6] = [
+    pub const ALL: [QuantType; 7] = [
         QuantType::F32,
         QuantType::Bf16,
         QuantType::Q8_0,
         QuantType::Q4_0,
         QuantType::Iq4Nl,
         QuantType::Q4K,
+        QuantType::Q4S,
     ];
 
-    /// The int4 type for rows of `cols` weights: q4_k (lowest error at 4.5 bits) when the row is
+    /// The int4 type for rows of `cols` weights: q4_s (lowest error at 4.5 bits) when the row is
     /// a whole number of its 256-weight super-blocks, else iq4_nl (32-weight blocks).
     pub fn int4_for(cols: usize) -> QuantType {
-        if cols % QK_K == 0 {
-            QuantType::Q4K
+        if cols % q4_s::QK_S == 0 {
+            QuantType::Q4S
         } else {
             QuantType::Iq4Nl
         }
@@ -94,6 +98,7 @@ impl QuantType {
             QuantType::F32 | QuantType::Bf16 => 1,
             QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl => QK,
             QuantType::Q4K => QK_K,
+            QuantType::Q4S => q4_s::QK_S,
         }
     }
 
@@ -105,6 +110,7 @@ impl QuantType {
             QuantType::Q4_0 => q4_0::BLOCK_BYTES,
             QuantType::Iq4Nl => iq4_nl::BLOCK_BYTES,
             QuantType::Q4K => q4_k::BLOCK_BYTES,
+            QuantType::Q4S => q4_s::BLOCK_BYTES,
         }
     }
 
@@ -125,6 +131,7 @@ impl QuantType {
             QuantType::Q4_0 => "q4_0",
             QuantType::Iq4Nl => "iq4_nl",
             QuantType::Q4K => "q4_k",
+            QuantType::Q4S => "q4_s",
         }
     }
 
@@ -147,6 +154,7 @@ impl QuantType {
             QuantType::Q4_0 => q4_0::quantize_row(row, out),
             QuantType::Iq4Nl => iq4_nl::quantize_row(row, out),
             QuantType::Q4K => q4_k::quantize_row(row, out),
+            QuantType::Q4S => q4_s::quantize_row(row, out),
         }
     }
 
@@ -168,6 +176,7 @@ impl QuantType {
             QuantType::Q4_0 => q4_0::dequantize_row(bytes, out),
             QuantType::Iq4Nl => iq4_nl::dequantize_row(bytes, out),
             QuantType::Q4K => q4_k::dequantize_row(bytes, out),
+            QuantType::Q4S => q4_s::dequantize_row(bytes, out),
         }
     }
 }
@@ -180,17 +189,19 @@ impl fmt::Display for QuantType {
 
 impl FromStr for QuantType {
     type Err = String;
-    /// Accepts the type names and the CLI's short forms: `q8` = q8_0, `q4` = iq4_nl.
+    /// Accepts the type names and the CLI's short forms: `q8` = q8_0, `q4` = q4_s (the converter
+    /// gives rows that are not whole super-blocks iq4_nl: `int4_for`).
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
             "f32" => Ok(QuantType::F32),
             "bf16" => Ok(QuantType::Bf16),
             "q8" | "q8_0" => Ok(QuantType::Q8_0),
             "q4_0" => Ok(QuantType::Q4_0),
-            "q4" | "iq4_nl" => Ok(QuantType::Iq4Nl),
+            "iq4_nl" => Ok(QuantType::Iq4Nl),
             "q4_k" => Ok(QuantType::Q4K),
+            "q4" | "q4_s" => Ok(QuantType::Q4S),
             _ => Err(format!(
-                "unknown quantization type `{s}` (expected f32, bf16, q8, q4, q4_0, q4_k)"
+                "unknown quantization type `{s}` (expected f32, bf16, q8, q4, q4_0, iq4_nl, q4_k, q4_s)"
             )),
         }
     }

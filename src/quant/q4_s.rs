@@ -1,0 +1,319 @@
+//! q4_s: our int4 for rows that are whole multiples of 256, 4.5 bits per weight. A super-block
+//! of 256 weights is 16 sub-blocks of 16; weight `e` of sub-block `j` is `d * s[j] * GRID[n]`,
+//! with `d` the super-block's f16 scale, `s[j]` a signed 7-bit integer (-64..=63) and `n` a
+//! nibble into iq4_nl's non-uniform grid. Two things make its error lower than q4_k's and
+//! iq4_nl's at the same size: a scale per 16 weights instead of per 32 (a sub-block's range
+//! follows its own largest weight), and the non-uniform grid, which fits bell-shaped weights
+//! better than evenly spaced levels. The sub-scale is signed because the grid is not symmetric
+//! (-127 .. 113): a sub-block whose largest weight is negative uses the long end.
+//!
+//! Byte layout (144 bytes):
+//!
+//! ```text
+//! 0..2     d      f16 LE
+//! 2..10    low 4 bits of s[j] + 64: byte 2 + j/2, low nibble for even j
+//! 10..16   high 3 bits of s[j] + 64: a 48-bit LE integer, bits 3j..3j+3
+//! 16..144  nibbles: 8 blocks of 16 bytes; byte l of block b holds weight 32b + l in its low
+//!          nibble and weight 32b + 16 + l in its high nibble
+//! ```
+//!
+//! So sub-block 2b is the low nibbles of block b and sub-block 2b + 1 its high nibbles; each
+//! 32-weight block is laid out as an iq4_nl block, which the kernels exploit.
+//!
+//! The quantizer: each sub-block's best real scale (iq4_nl's search: the largest weight tried at
+//! several grid positions, least-squares scale for each, then re-assignment and refit); `d` from
+//! the largest of them (trying both ends of the signed range), each `s[j]` the best of the
+//! integers next to `a[j] / d`, then `d` refit by least squares over the super-block and the
+//! integers chosen again while the squared error falls.
+
+use super::iq4_nl::{nearest_cell, nearest_index, CANDIDATES, CELL_OFFSET, CELL_VALUE, NC};
+use super::{f16_round, f16_scale, IQ4_NL_GRID};
+
+/// Weights per super-block.
+pub const QK_S: usize = 256;
+/// Weights per sub-block (one scale each).
+pub const SUB: usize = 16;
+const NSUB: usize = QK_S / SUB;
+pub const BLOCK_BYTES: usize = 2 + 8 + 6 + QK_S / 2;
+/// The sub-scale range.
+pub const S_MIN: i32 = -64;
+pub const S_MAX: i32 = 63;
+/// Below this a scale would underflow f16; such sub-blocks and super-blocks are zeros.
+const TINY: f32 = 1e-30;
+
+/// The 16 sub-scales from a block's bytes 2..16.
+#[inline(always)]
+pub fn unpack_scales(s: &[u8]) -> [i8; NSUB] {
+    let mut hi = [0u8; 8];
+    hi[..6].copy_from_slice(&s[8..14]);
+    let hi = u64::from_le_bytes(hi);
+    let mut out = [0i8; NSUB];
+    for j in 0..NSUB {
+        let lo = (s[j / 2] >> (4 * (j % 2))) & 0x0f;
+        let h = ((hi >> (3 * j)) & 7) as u8;
+        out[j] = ((lo | (h << 4)) as i32 + S_MIN) as i8;
+    }
+    out
+}
+
+/// Inverse of `unpack_scales`; values must be in `S_MIN..=S_MAX`.
+pub fn pack_scales(sc: &[i8; NSUB]) -> [u8; 14] {
+    let mut s = [0u8; 14];
+    let mut hi = 0u64;
+    for j in 0..NSUB {
+        let u = (sc[j] as i32 - S_MIN) as u8;
+        s[j / 2] |= (u & 0x0f) << (4 * (j % 2));
+        hi |= ((u >> 4) as u64) << (3 * j);
+    }
+    s[8..14].copy_from_slice(&hi.to_le_bytes()[..6]);
+    s
+}
+
+/// Squared error, sum(g * x) and sum(g * g) of the nearest-grid assignment of a sub-block at
+/// scale `c` (grid values g, weights x); `c = 0` stores zeros.
+#[inline(always)]
+fn evaluate(x: &[f32; SUB], c: f32) -> (f32, f32, f32) {
+    if c == 0.0 {
+        let mut e = 0f32;
+        for &v in x {
+            e += v * v;
+        }
+        return (e, 0.0, 0.0);
+    }
+    let ic = 1.0 / c;
+    let mut e = [0f32; 8];
+    let mut gx = [0f32; 8];
+    let mut gg = [0f32; 8];
+    for h in x.chunks_exact(8) {
+        for l in 0..8 {
+            let g = CELL_VALUE[nearest_cell(h[l] * ic)];
+            let r = h[l] - c * g;
+            e[l] += r * r;
+            gx[l] += g * h[l];
+            gg[l] += g * g;
+        }
+    }
+    (super::hsum(&e), super::hsum(&gx), super::hsum(&gg))
+}
+
+/// The best real scale of one sub-block of finite weights (0 when it is all but zero).
+#[inline(always)]
+fn sub_scale(x: &[f32; SUB]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < TINY {
+        return 0.0;
+    }
+    // As in iq4_nl: the largest weight at each candidate grid position, which keeps every cell
+    // index inside the table.
+    let inv = 1.0 / max;
+    let mut ids2 = [0f32; NC];
+    for k in 0..NC {
+        ids2[k] = 2.0 * CANDIDATES[k] * inv;
+    }
+    let mut sgx = [0f32; NC];
+    let mut sgg = [0f32; NC];
+    for &v in x {
+        for k in 0..NC {
+            let c = v * ids2[k] + CELL_OFFSET;
+            // SAFETY: |v * ids2[k]| <= 2 * 137 (1 + 2^-22) for finite v, so c is in [45, 595].
+            let g = unsafe { *CELL_VALUE.get_unchecked(c.to_int_unchecked::<i32>() as usize) };
+            sgx[k] += g * v;
+            sgg[k] += g * g;
+        }
+    }
+    let mut best = 0;
+    for k in 1..NC {
+        if sgx[k] * sgx[k] * sgg[best] > sgx[best] * sgx[best] * sgg[k] {
+            best = k;
+        }
+    }
+    let mut a = sgx[best] / sgg[best];
+    if a == 0.0 || !a.is_finite() {
+        return 0.0;
+    }
+    let (mut err, mut gx, mut gg) = evaluate(x, a);
+    for _ in 0..2 {
+        let an = gx / gg;
+        if an == a || an == 0.0 || !an.is_finite() {
+            break;
+        }
+        let (en, gxn, ggn) = evaluate(x, an);
+        if en >= err {
+            break;
+        }
+        (a, err, gx, gg) = (an, en, gxn, ggn);
+    }
+    a
+}
+
+/// Integer sub-scales for super-block scale `d`, each the best of the three integers around
+/// `a[j] / d`; returns them with the total squared error and the least-squares sums for `d`.
+#[inline(always)]
+fn choose_ints(x: &[[f32; SUB]; NSUB], a: &[f32; NSUB], d: f32) -> ([i8; NSUB], f32, f32, f32) {
+    let mut s = [0i8; NSUB];
+    let (mut err, mut num, mut den) = (0f32, 0f32, 0f32);
+    for j in 0..NSUB {
+        let r = (a[j] / d).round().clamp(S_MIN as f32, S_MAX as f32) as i32;
+        let mut best = (f32::MAX, 0f32, 0f32, 0i32);
+        for t in [r, r - 1, r + 1] {
+            if !(S_MIN..=S_MAX).contains(&t) {
+                continue;
+            }
+            let (e, gx, gg) = evaluate(&x[j], d * t as f32);
+            if e < best.0 {
+                best = (e, gx, gg, t);
+            }
+        }
+        let (e, gx, gg, t) = best;
+        s[j] = t as i8;
+        err += e;
+        let tf = t as f32;
+        num += tf * gx;
+        den += tf * tf * gg;
+    }
+    (s, err, num, den)
+}
+
+#[inline(always)]
+fn quantize_block(x: &[f32], b: &mut [u8]) {
+    let mut subs = [[0f32; SUB]; NSUB];
+    for (j, s) in subs.iter_mut().enumerate() {
+        s.copy_from_slice(&x[SUB * j..SUB * (j + 1)]);
+    }
+    let mut a = [0f32; NSUB];
+    let mut amax = 0f32;
+    for j in 0..NSUB {
+        a[j] = sub_scale(&subs[j]);
+        amax = amax.max(a[j].abs());
+    }
+    b.fill(0);
+    if amax < TINY {
+        return;
+    }
+    // d > 0; the largest sub-scale maps to 63, or to -64 when it is negative (the wider end).
+    let mut best: Option<(f32, [i8; NSUB], f32)> = None;
+    let amax_signed = a.iter().copied().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+    let mut starts = [amax / S_MAX as f32, amax / S_MAX as f32];
+    if amax_signed < 0.0 {
+        starts[1] = amax / -S_MIN as f32;
+    }
+    for d0 in starts {
+        let mut d = f16_round(d0);
+        for _ in 0..3 {
+            if d <= 0.0 || !d.is_finite() {
+                break;
+            }
+            let (s, err, num, den) = choose_ints(&subs, &a, d);
+            if best.is_none_or(|(_, _, e)| err < e) {
+                best = Some((d, s, err));
+            } else {
+                break;
+            }
+            if den <= 0.0 {
+                break;
+            }
+            let dn = f16_round(num / den);
+            if dn == d {
+                break;
+            }
+            d = dn;
+        }
+    }
+    let Some((d, s, _)) = best else { return };
+    b[..2].copy_from_slice(&f16_scale(d).to_le_bytes());
+    b[2..16].copy_from_slice(&pack_scales(&s));
+    for j in 0..NSUB {
+        let c = d * s[j] as f32;
+        if c == 0.0 {
+            continue; // nibbles stay 0; the scale makes them zeros
+        }
+        let ic = 1.0 / c;
+        let (blk, shift) = (j / 2, 4 * (j % 2));
+        for l in 0..SUB {
+            b[16 + 16 * blk + l] |= nearest_index(subs[j][l] * ic) << shift;
+        }
+    }
+}
+
+#[inline(always)]
+fn quantize_row_generic(row: &[f32], out: &mut [u8]) {
+    for (x, b) in row.chunks_exact(QK_S).zip(out.chunks_exact_mut(BLOCK_BYTES)) {
+        let mut finite = true;
+        for &v in x {
+            finite &= v.is_finite();
+        }
+        if finite {
+            quantize_block(x, b);
+        } else {
+            // Rare: NaN becomes 0 and infinities the largest finite values.
+            let mut clean = [0f32; QK_S];
+            for (c, &v) in clean.iter_mut().zip(x) {
+                *c = if v.is_nan() { 0.0 } else { v.clamp(f32::MIN, f32::MAX) };
+            }
+            quantize_block(&clean, b);
+        }
+    }
+}
+
+/// The reference decoder: `(d * s[j]) * GRID[n]`, every product exact in f32 (11 + 7 + 8
+/// significant bits), so the decoded weights are exact.
+#[inline(always)]
+fn dequantize_row_generic(bytes: &[u8], out: &mut [f32]) {
+    for (b, y) in bytes.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(QK_S)) {
+        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let s = unpack_scales(&b[2..16]);
+        for blk in 0..NSUB / 2 {
+            let q = &b[16 + 16 * blk..32 + 16 * blk];
+            let (c0, c1) = (d * s[2 * blk] as f32, d * s[2 * blk + 1] as f32);
+            let y = &mut y[32 * blk..32 * blk + 32];
+            for l in 0..SUB {
+                y[l] = c0 * IQ4_NL_GRID[(q[l] & 0x0f) as usize] as f32;
+                y[SUB + l] = c1 * IQ4_NL_GRID[(q[l] >> 4) as usize] as f32;
+            }
+        }
+    }
+}
+
+super::multiversion!(quantize_row, quantize_row_generic, quantize_row_avx2, (row: &[f32], out: &mut [u8]));
+super::multiversion!(dequantize_row, dequantize_row_generic, dequantize_row_avx2, (bytes: &[u8], out: &mut [f32]));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::measure::{sample, Dist};
+
+    #[test]
+    fn scale_packing_round_trips() {
+        let mut sc = [0i8; NSUB];
+        for (j, s) in sc.iter_mut().enumerate() {
+            *s = [-64, 63, 0, -1, 1, 17, -33, 42][j % 8] + if j >= 8 { (j as i8 % 3) - 1 } else { 0 };
+            *s = (*s).clamp(-64, 63);
+        }
+        assert_eq!(unpack_scales(&pack_scales(&sc)), sc);
+    }
+
+    #[test]
+    fn builds_agree_bit_for_bit() {
+        let mut row = sample(Dist::StudentT(3), QK_S * 16, 11);
+        row[5] = f32::NAN;
+        row[700] = f32::INFINITY;
+        row[1024..1280].fill(0.0);
+        row[1280..1536].fill(-0.25);
+        row[1536..1552].fill(0.0);
+        let mut a = vec![0u8; BLOCK_BYTES * 16];
+        let mut b = a.clone();
+        quantize_row(&row, &mut a);
+        quantize_row_generic(&row, &mut b);
+        assert_eq!(a, b);
+        let (mut ya, mut yb) = (vec![0f32; row.len()], vec![0f32; row.len()]);
+        dequantize_row(&a, &mut ya);
+        dequantize_row_generic(&a, &mut yb);
+        assert_eq!(ya, yb);
+    }
+}
