@@ -100,13 +100,6 @@ impl QActs {
         self.h[2 * t * self.nbp..].as_ptr()
     }
 
-    /// The int8 sums of the two halves of block `b` of vector `t`.
-    #[inline(always)]
-    pub(crate) fn half_sums(&self, t: usize, b: usize) -> (i32, i32) {
-        let at = 2 * (t * self.nbp + b);
-        (self.h[at] / -128, self.h[at + 1] / -128)
-    }
-
     #[inline(always)]
     pub(crate) fn sum(&self, t: usize, b: usize) -> f32 {
         self.s[t * self.nbp + b]

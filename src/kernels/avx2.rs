@@ -9,6 +9,7 @@
 
 use super::pack::{IntKind, TILE};
 use super::k4::{self, K4Job};
+use super::s4::{self, S4Job};
 use super::{FloatJob, IntJob};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -305,6 +306,81 @@ unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
                     let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
                     acc[k][half] = _mm256_fmadd_ps(isum, scale, acc[k][half]);
                     acc[k][half] = _mm256_fnmadd_ps(off, _mm256_set1_ps(*xs[k].add(b)), acc[k][half]);
+                }
+            }
+        }
+    }
+    let r0 = ti * TILE;
+    for half in 0..2 {
+        let valid = j.rows.saturating_sub(r0 + 8 * half).min(8);
+        if valid == 0 {
+            continue;
+        }
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (k, a) in acc.iter().enumerate() {
+            _mm256_maskstore_ps(j.y.add((t0 + k) * j.ystride + r0 + 8 * half), mask, a[half]);
+        }
+    }
+}
+
+pub(crate) unsafe fn s4_tiles(j: &S4Job, tiles: Range<usize>) {
+    for ti in tiles {
+        let mut t0 = 0;
+        while t0 < j.acts.n {
+            let m = (j.acts.n - t0).min(MAXT);
+            match m {
+                1 => s4_tile::<1>(j, ti, t0),
+                2 => s4_tile::<2>(j, ti, t0),
+                3 => s4_tile::<3>(j, ti, t0),
+                _ => s4_tile::<4>(j, ti, t0),
+            }
+            t0 += m;
+        }
+    }
+}
+
+/// 8 signed bytes as 8 i32.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn bytes_i32(p: *const u8) -> __m256i {
+    _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))
+}
+
+/// Tokens t0..t0+T through q4_s tile `ti` (see `s4`), 8 rows at a time: the half-block sums of
+/// the table's signed values (low nibbles, then high) combined by the integer sub-scales.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn s4_tile<const T: usize>(j: &S4Job, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.k.tile_bytes());
+    let stab = _mm256_broadcastsi128_si256(_mm_loadu_si128(s4::TABLE.as_ptr() as *const __m128i));
+    let ones = _mm256_set1_epi16(1);
+    let acts = j.acts;
+    let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
+    let xd: [*const f32; T] = std::array::from_fn(|k| acts.d_ptr(t0 + k));
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    for s in 0..j.k.nsb {
+        let sb = base.add(s * s4::SB_BYTES);
+        let ahead = sb.wrapping_add(s4::PF);
+        for half in 0..2 {
+            for l in 19 * half..(19 * (half + 1)).min(s4::SB_BYTES / 64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
+            }
+            let dv = _mm256_cvtph_ps(_mm_load_si128(sb.add(s4::D_OFF + 16 * half) as *const __m128i));
+            for sub in 0..s4::SUB {
+                let b = s * s4::SUB + sub;
+                let w = decode::<TABLE>(sb.add(sub * 256 + 32 * half), stab);
+                let slo = bytes_i32(sb.add(s4::SLO_OFF + sub * TILE + 8 * half));
+                let shi = bytes_i32(sb.add(s4::SHI_OFF + sub * TILE + 8 * half));
+                for k in 0..T {
+                    let x = xq[k].add(b * 8);
+                    let mut lo = _mm256_setzero_si256();
+                    let mut hi = _mm256_setzero_si256();
+                    for g in 0..4 {
+                        lo = _mm256_add_epi32(lo, dot4::<TABLE>(w[g], _mm256_set1_epi32(*x.add(g)), ones));
+                        hi = _mm256_add_epi32(hi, dot4::<TABLE>(w[g + 4], _mm256_set1_epi32(*x.add(g + 4)), ones));
+                    }
+                    let isum = _mm256_add_epi32(_mm256_mullo_epi32(lo, slo), _mm256_mullo_epi32(hi, shi));
+                    let scale = _mm256_mul_ps(dv, _mm256_set1_ps(*xd[k].add(b)));
+                    acc[k][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[k][half]);
                 }
             }
         }

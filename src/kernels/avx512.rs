@@ -8,6 +8,7 @@
 
 use super::pack::{IntKind, TILE};
 use super::k4::{self, K4Job};
+use super::s4::{self, S4Job};
 use super::{FloatJob, IntJob};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -270,6 +271,79 @@ unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
                 let scale = _mm512_mul_ps(dsc, _mm512_set1_ps(*xd[k].add(b)));
                 acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), scale, acc[k]);
                 acc[k] = _mm512_fnmadd_ps(off, _mm512_set1_ps(*xs[k].add(b)), acc[k]);
+            }
+        }
+    }
+    let r0 = ti * TILE;
+    let mask = ((1u32 << (j.rows - r0).min(TILE)) - 1) as __mmask16;
+    for (k, a) in acc.iter().enumerate() {
+        _mm512_mask_storeu_ps(j.y.add((t0 + k) * j.ystride + r0), mask, *a);
+    }
+}
+
+pub(crate) unsafe fn s4_tiles(j: &S4Job, tiles: Range<usize>) {
+    for ti in tiles {
+        let mut t0 = 0;
+        while t0 < j.acts.n {
+            let m = (j.acts.n - t0).min(MAXT);
+            match m {
+                1 => s4_tile::<1>(j, ti, t0),
+                2 => s4_tile::<2>(j, ti, t0),
+                3 => s4_tile::<3>(j, ti, t0),
+                4 => s4_tile::<4>(j, ti, t0),
+                5 => s4_tile::<5>(j, ti, t0),
+                6 => s4_tile::<6>(j, ti, t0),
+                7 => s4_tile::<7>(j, ti, t0),
+                _ => s4_tile::<8>(j, ti, t0),
+            }
+            t0 += m;
+        }
+    }
+}
+
+/// 16 signed bytes as 16 i32.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn bytes_i32(p: *const u8) -> __m512i {
+    _mm512_cvtepi8_epi32(_mm_load_si128(p as *const __m128i))
+}
+
+/// Tokens t0..t0+T through q4_s tile `ti`: the two half-block sums of a 4-bit block (low
+/// nibbles, then high), each started at its half's bias correction, combined by the integer
+/// sub-scales (see `s4`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn s4_tile<const T: usize>(j: &S4Job, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.k.tile_bytes());
+    let low = _mm512_set1_epi8(0x0f);
+    let tbl = _mm512_broadcast_i32x4(_mm_loadu_si128(s4::UTABLE.as_ptr() as *const __m128i));
+    let acts = j.acts;
+    let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
+    let xd: [*const f32; T] = std::array::from_fn(|k| acts.d_ptr(t0 + k));
+    let xh: [*const i32; T] = std::array::from_fn(|k| acts.h_ptr(t0 + k));
+    let mut acc = [_mm512_setzero_ps(); T];
+    for s in 0..j.k.nsb {
+        let sb = base.add(s * s4::SB_BYTES);
+        let ahead = sb.wrapping_add(s4::PF);
+        let dv = _mm512_cvtph_ps(_mm256_load_si256(sb.add(s4::D_OFF) as *const __m256i));
+        for sub in 0..s4::SUB {
+            for l in s4::PF_LINES * sub..(s4::PF_LINES * (sub + 1)).min(s4::SB_BYTES / 64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
+            }
+            let b = s * s4::SUB + sub;
+            let w = decode_nib(sb.add(sub * 256), tbl, low);
+            let slo = bytes_i32(sb.add(s4::SLO_OFF + sub * TILE));
+            let shi = bytes_i32(sb.add(s4::SHI_OFF + sub * TILE));
+            for k in 0..T {
+                let x = xq[k].add(b * 8);
+                let mut lo = _mm512_set1_epi32(*xh[k].add(2 * b));
+                let mut hi = _mm512_set1_epi32(*xh[k].add(2 * b + 1));
+                for g in 0..4 {
+                    lo = _mm512_dpbusd_epi32(lo, w[g], _mm512_set1_epi32(*x.add(g)));
+                    hi = _mm512_dpbusd_epi32(hi, w[g + 4], _mm512_set1_epi32(*x.add(g + 4)));
+                }
+                let isum = _mm512_add_epi32(_mm512_mullo_epi32(lo, slo), _mm512_mullo_epi32(hi, shi));
+                let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*xd[k].add(b)));
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[k]);
             }
         }
     }

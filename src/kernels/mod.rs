@@ -229,6 +229,12 @@ pub(crate) unsafe fn k4_tiles(isa: Isa, j: &k4::K4Job, tiles: Range<usize>) {
 /// `isa.is_available()`.
 pub(crate) unsafe fn s4_tiles(isa: Isa, j: &s4::S4Job, tiles: Range<usize>) {
     match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::s4_tiles(j, tiles),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::s4_tiles(j, tiles),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon::s4_tiles(j, tiles),
         _ => s4::tiles_scalar(j, tiles),
     }
 }

@@ -12,6 +12,7 @@
 
 use super::pack::{IntKind, TILE};
 use super::k4::{self, K4Job};
+use super::s4::{self, S4Job};
 use super::{FloatJob, IntJob};
 use std::arch::aarch64::*;
 use std::ops::Range;
@@ -80,9 +81,21 @@ unsafe fn weights<const NIB: bool>(q: *const u8, g: usize, m: usize, table: int8
 /// weights at `q` with the 32 int8 activations at `x`.
 #[inline(always)]
 unsafe fn block_isum<const NIB: bool, const DOT: bool>(q: *const u8, x: *const i32, table: int8x16_t) -> [int32x4_t; 4] {
+    groups_isum::<NIB, DOT>(q, x, table, 0..8)
+}
+
+/// `block_isum` over groups `groups` only (weights 4g..4g+4 of each): 0..4 and 4..8 of a 4-bit
+/// block are its two halves of 16 weights.
+#[inline(always)]
+unsafe fn groups_isum<const NIB: bool, const DOT: bool>(
+    q: *const u8,
+    x: *const i32,
+    table: int8x16_t,
+    groups: Range<usize>,
+) -> [int32x4_t; 4] {
     let mut isum = [vdupq_n_s32(0); 4];
     if DOT {
-        for g in 0..8 {
+        for g in groups {
             let xg = vreinterpretq_s8_s32(vdupq_n_s32(x.add(g).read_unaligned()));
             for (m, s) in isum.iter_mut().enumerate() {
                 *s = sdot(*s, weights::<NIB>(q, g, m, table), xg);
@@ -91,7 +104,7 @@ unsafe fn block_isum<const NIB: bool, const DOT: bool>(q: *const u8, x: *const i
     } else {
         let mut lo = [vdupq_n_s32(0); 4];
         let mut hi = [vdupq_n_s32(0); 4];
-        for g in 0..8 {
+        for g in groups {
             let xg = vreinterpretq_s8_s32(vdupq_n_s32(x.add(g).read_unaligned()));
             for m in 0..4 {
                 let w = weights::<NIB>(q, g, m, table);
@@ -280,6 +293,79 @@ unsafe fn k4_tile<const DOT: bool>(j: &K4Job, ti: usize, t0: usize, nt: usize) {
                     let scale = vmulq_f32(vld1q_f32(dsc.as_ptr().add(4 * m)), dx);
                     a[m] = vfmaq_f32(a[m], vcvtq_f32_s32(isum[m]), scale);
                     a[m] = vfmsq_f32(a[m], vld1q_f32(mn.as_ptr().add(4 * m)), xs);
+                }
+            }
+        }
+    }
+    let r0 = ti * TILE;
+    let valid = (j.rows - r0).min(TILE);
+    for (k, a) in acc.iter().enumerate().take(nt) {
+        let mut out = [0f32; TILE];
+        for m in 0..4 {
+            vst1q_f32(out.as_mut_ptr().add(4 * m), a[m]);
+        }
+        std::ptr::copy_nonoverlapping(out.as_ptr(), j.y.add((t0 + k) * j.ystride + r0), valid);
+    }
+}
+
+pub(crate) unsafe fn s4_tiles(j: &S4Job, tiles: Range<usize>) {
+    let dot = std::arch::is_aarch64_feature_detected!("dotprod");
+    for ti in tiles {
+        let mut t0 = 0;
+        while t0 < j.acts.n {
+            let m = (j.acts.n - t0).min(MAXT);
+            if dot {
+                s4_tile_dot(j, ti, t0, m)
+            } else {
+                s4_tile::<false>(j, ti, t0, m)
+            }
+            t0 += m;
+        }
+    }
+}
+
+#[target_feature(enable = "dotprod")]
+unsafe fn s4_tile_dot(j: &S4Job, ti: usize, t0: usize, nt: usize) {
+    s4_tile::<true>(j, ti, t0, nt)
+}
+
+/// Tokens t0..t0+nt through q4_s tile `ti` (see `s4`): the two half-block sums combined by the
+/// integer sub-scales.
+#[inline(always)]
+unsafe fn s4_tile<const DOT: bool>(j: &S4Job, ti: usize, t0: usize, nt: usize) {
+    let base = j.data.add(ti * j.k.tile_bytes());
+    let table = vld1q_s8(s4::TABLE.as_ptr());
+    let acts = j.acts;
+    let mut acc = [[vdupq_n_f32(0.0); 4]; MAXT];
+    for s in 0..j.k.nsb {
+        let sb = base.add(s * s4::SB_BYTES);
+        let mut d = [0f32; TILE];
+        for (i, v) in d.iter_mut().enumerate() {
+            *v = half::f16::from_le_bytes([*sb.add(s4::D_OFF + 2 * i), *sb.add(s4::D_OFF + 2 * i + 1)]).to_f32();
+        }
+        for sub in 0..s4::SUB {
+            for l in s4::PF_LINES * sub..(s4::PF_LINES * (sub + 1)).min(s4::SB_BYTES / 64) {
+                prefetch(sb.wrapping_add(s4::PF + 64 * l));
+            }
+            let b = s * s4::SUB + sub;
+            let q = sb.add(sub * 256);
+            // Sub-scales of 16 rows, widened to four registers of four i32.
+            let widen = |p: *const u8| -> [int32x4_t; 4] {
+                let v = vld1q_s8(p as *const i8);
+                let (l, h) = (vmovl_s8(vget_low_s8(v)), vmovl_high_s8(v));
+                [vmovl_s16(vget_low_s16(l)), vmovl_high_s16(l), vmovl_s16(vget_low_s16(h)), vmovl_high_s16(h)]
+            };
+            let slo = widen(sb.add(s4::SLO_OFF + sub * TILE));
+            let shi = widen(sb.add(s4::SHI_OFF + sub * TILE));
+            for (k, a) in acc.iter_mut().enumerate().take(nt) {
+                let x = acts.q_ptr(t0 + k, b) as *const i32;
+                let lo = groups_isum::<true, DOT>(q, x, table, 0..4);
+                let hi = groups_isum::<true, DOT>(q, x, table, 4..8);
+                let dx = vdupq_n_f32(*acts.d_ptr(t0 + k).add(b));
+                for m in 0..4 {
+                    let isum = vaddq_s32(vmulq_s32(lo[m], slo[m]), vmulq_s32(hi[m], shi[m]));
+                    let scale = vmulq_f32(vld1q_f32(d.as_ptr().add(4 * m)), dx);
+                    a[m] = vfmaq_f32(a[m], vcvtq_f32_s32(isum), scale);
                 }
             }
         }

@@ -23,7 +23,7 @@ use crate::quant::q4_s::{unpack_scales, BLOCK_BYTES, QK_S};
 use crate::quant::{IQ4_NL_GRID, QK};
 use std::ops::Range;
 
-pub(crate) use super::k4::{SB_BYTES, SUB};
+pub(crate) use super::k4::{PF, PF_LINES, SB_BYTES, SUB};
 /// Offsets inside a tile super-block.
 pub(crate) const SLO_OFF: usize = SUB * 256;
 pub(crate) const SHI_OFF: usize = SLO_OFF + SUB * TILE;
@@ -32,6 +32,7 @@ pub(crate) const D_OFF: usize = SHI_OFF + SUB * TILE;
 /// The nibble table.
 pub(crate) const TABLE: [i8; 16] = IQ4_NL_GRID;
 /// The table biased by 128, for `vpdpbusd`'s unsigned operand.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const UTABLE: [u8; 16] = {
     let mut t = [0u8; 16];
     let mut n = 0;
