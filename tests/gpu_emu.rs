@@ -172,7 +172,7 @@ fn matrix_kernels_match_the_cpu() {
     for q in QuantType::ALL {
         let shapes: &[(usize, usize)] = match q {
             QuantType::F32 | QuantType::Bf16 => &[(3, 7), (37, 33), (5, 64)],
-            QuantType::Q4K => &[(3, 768), (9, 512)],
+            QuantType::Q4K | QuantType::Q4S => &[(3, 768), (9, 512)],
             _ => &[(5, 96), (37, 288), (2, 1024)],
         };
         for &(rows, cols) in shapes {

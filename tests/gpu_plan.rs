@@ -147,6 +147,7 @@ fn device_bytes_round_each_buffer() {
     assert_eq!(tensor_device_bytes(QuantType::Q8_0, &[1, 96], 102), 512);
     assert_eq!(tensor_device_bytes(QuantType::Bf16, &[3, 5], 30), 256);
     assert_eq!(tensor_device_bytes(QuantType::Q4K, &[2, 256], 288), 512);
+    assert_eq!(tensor_device_bytes(QuantType::Q4S, &[2, 256], 288), 512);
 }
 
 fn small() -> GrokConfig {
@@ -243,7 +244,7 @@ fn weights(n: usize, seed: u64) -> Vec<f32> {
 fn device_layout_reads_back_every_block_type() {
     for q in QuantType::ALL {
         let shapes: &[(usize, usize)] = match q {
-            QuantType::Q4K => &[(1, 256), (3, 768)],
+            QuantType::Q4K | QuantType::Q4S => &[(1, 256), (3, 768)],
             QuantType::F32 | QuantType::Bf16 => &[(1, 1), (3, 7), (5, 33)],
             _ => &[(1, 32), (3, 96), (7, 288)],
         };

@@ -4,8 +4,8 @@
 //!
 //! Device bytes equal the converted model's raw tensor bytes: the device layouts
 //! (`DeviceMatrix`) only reorder a tensor's bytes (scales apart from quants), never widen them.
-//! Each device buffer is counted rounded up to [`ALLOC_ALIGN`]; a quantized matrix takes two
-//! buffers (quants and scales), other tensors one.
+//! Each device buffer is counted rounded up to [`ALLOC_ALIGN`]; a q8_0, q4_0 or iq4_nl matrix
+//! takes two buffers (quants and scales), other tensors (q4_k and q4_s super-blocks included) one.
 
 use crate::config::GrokConfig;
 use crate::error::{Error, Result};

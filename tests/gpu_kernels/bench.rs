@@ -20,7 +20,7 @@ fn fake_weights(q: QuantType, rows: usize, cols: usize) -> Vec<u8> {
         })
         .collect();
     let bb = q.block_bytes();
-    if matches!(q, QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl | QuantType::Q4K) {
+    if matches!(q, QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl | QuantType::Q4K | QuantType::Q4S) {
         for b in v.chunks_exact_mut(bb) {
             b[..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
             if q == QuantType::Q4K {
@@ -39,7 +39,7 @@ fn matrix_kernel_throughput() {
     let (rows, cols) = (32768usize, 6144usize);
     println!("matrix [{rows}, {cols}] on {}", gpu.info().name);
     println!("{:<8} {:>10} {:>14} {:>16}", "type", "MB", "matvec GB/s", "matmul TFLOP/s");
-    for q in [QuantType::Bf16, QuantType::Q8_0, QuantType::Q4_0, QuantType::Iq4Nl, QuantType::Q4K] {
+    for q in [QuantType::Bf16, QuantType::Q8_0, QuantType::Q4_0, QuantType::Iq4Nl, QuantType::Q4K, QuantType::Q4S] {
         let bytes = fake_weights(q, rows, cols);
         let m = DeviceMatrix::upload(&gpu, q, rows, cols, &bytes).unwrap();
         let x = gpu.upload(&vec![0.5f32; 128 * cols]).unwrap();

@@ -93,3 +93,15 @@ __device__ __forceinline__ void q4k_scale_min(int j, const u8* s, float* sc, flo
         *m = (float)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
     }
 }
+
+// q4_s: the signed 7-bit scale of sub-block j (src/quant/q4_s.rs) from the 14 packed bytes `s`
+// (block bytes 2..16): its low 4 bits in byte j / 2 (low nibble for even j), its high 3 bits at
+// bits 3j .. 3j + 3 of the 48-bit little-endian integer in bytes 8..14, stored offset by 64.
+// Bits 3j .. 3j + 3 lie in the two bytes from 8 + 3j / 8; for j = 15 the second is block byte 16
+// (the first nibbles), read but shifted out.
+__device__ __forceinline__ float q4s_scale(int j, const u8* s) {
+    int bit = 3 * j;
+    u32 hi = ((u32)s[8 + (bit >> 3)] | ((u32)s[9 + (bit >> 3)] << 8)) >> (bit & 7);
+    u32 lo = (u32)s[j >> 1] >> (4 * (j & 1));
+    return (float)((int)((lo & 15) | ((hi & 7) << 4)) - 64);
+}

@@ -13,6 +13,7 @@
 #define QT_Q4_0 3
 #define QT_IQ4_NL 4
 #define QT_Q4_K 5
+#define QT_Q4_S 6
 
 // Eight consecutive weights of `row` starting at column k (a multiple of 8). Columns past the
 // end (only possible for f32 and bf16, whose rows need not be whole blocks) read as zero.
@@ -47,7 +48,7 @@ __device__ __forceinline__ void load8(const u8* w, const u16* d, int row, int co
             int n = (words[i / 4] >> (8 * (i % 4) + shift)) & 15;
             out[i] = s * (QT == QT_Q4_0 ? (float)(n - 8) : grid[n]);
         }
-    } else {  // QT_Q4_K
+    } else if (QT == QT_Q4_K) {
         int nsb = cols / 256, sb = k / 256, within = k % 256;
         const u8* blk = w + ((size_t)row * nsb + sb) * 144;
         int c = within / 64, hi = (within % 64) >= 32, l = within % 32;
@@ -60,6 +61,19 @@ __device__ __forceinline__ void load8(const u8* w, const u16* d, int row, int co
         for (int i = 0; i < 8; i++) {
             int n = (words[i / 4] >> (8 * (i % 4) + 4 * hi)) & 15;
             out[i] = a * (float)n - b;
+        }
+    } else {  // QT_Q4_S
+        int nsb = cols / 256, sb = k / 256, within = k % 256;
+        const u8* blk = w + ((size_t)row * nsb + sb) * 144;
+        // Block b of 16 nibble bytes holds sub-block 2b in its low nibbles, 2b + 1 in its high.
+        int b = within / 32, hi = (within % 32) >= 16, l = within % 16;
+        float a = f16_to_f32(*(const u16*)blk) * q4s_scale(2 * b + hi, blk + 2);
+        uint2 v = *(const uint2*)(blk + 16 + 16 * b + l);
+        u32 words[2] = {v.x, v.y};
+        #pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int n = (words[i / 4] >> (8 * (i % 4) + 4 * hi)) & 15;
+            out[i] = a * grid[n];
         }
     }
 }
@@ -139,3 +153,4 @@ MATMUL_KERNEL(matmul_q8_0, QT_Q8_0)
 MATMUL_KERNEL(matmul_q4_0, QT_Q4_0)
 MATMUL_KERNEL(matmul_iq4_nl, QT_IQ4_NL)
 MATMUL_KERNEL(matmul_q4_k, QT_Q4_K)
+MATMUL_KERNEL(matmul_q4_s, QT_Q4_S)

@@ -6,9 +6,9 @@
 //   q8_0             w = [rows][cols] i8 quants, d = [rows][cols/32] f16 scales
 //   q4_0, iq4_nl     w = [rows][cols/2] nibble bytes (16 per block, the on-disk order: byte j
 //                    holds weight j low and weight j+16 high), d = [rows][cols/32] f16 scales
-//   q4_k             w = the on-disk 144-byte super-blocks, d unused
-// Every lane loads 16 contiguous bytes of weights per step (8 for q4_k), so a warp reads one
-// contiguous run of 512 bytes: fully coalesced.
+//   q4_k, q4_s       w = the on-disk 144-byte super-blocks, d unused
+// Every lane loads 16 contiguous bytes of weights per step (8 for q4_k and q4_s, whose half-warps
+// each read the 128 nibble bytes of one super-block), so the loads are fully coalesced.
 
 #define MV_WARPS 4
 
@@ -181,6 +181,46 @@ extern "C" __global__ void matvec_q4_k(const u8* w, const u16* d, const float* x
         float sh = xh0.x + xh0.y + xh0.z + xh0.w + xh1.x + xh1.y + xh1.z + xh1.w;
         // weight = (d sc) q - dmin m, summed against x.
         acc += (dd * sc0) * ql - (dmin * m0) * sl + (dd * sc1) * qh - (dmin * m1) * sh;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) y[row] = acc;
+}
+
+// q4_s: as q4_k, 16 lanes per 144-byte super-block, two super-blocks per warp and step. Lane `l`
+// of a half-warp reads nibble bytes 8l .. 8l + 8: bytes o .. o + 8 of 16-byte block b = l / 2,
+// o = 8 (l % 2), which hold weights 32b + o .. +8 (sub-block 2b, low nibbles) and
+// 32b + 16 + o .. +8 (sub-block 2b + 1, high nibbles).
+extern "C" __global__ void matvec_q4_s(const u8* w, const u16* d, const float* x, float* y,
+                                       int rows, int cols) {
+    __shared__ float grid[16];
+    if (threadIdx.x < 16) grid[threadIdx.x] = IQ4_NL_GRID[threadIdx.x];
+    __syncthreads();
+    MV_SETUP
+    if (row >= rows) return;
+    int nsb = cols / 256;
+    const u8* wr = w + (size_t)row * nsb * 144;
+    int half = lane >> 4, l = lane & 15, b = l >> 1, o = (l & 1) * 8;
+    float acc = 0.0f;
+    for (int sb = half; sb < nsb; sb += 2) {
+        const u8* blk = wr + (size_t)sb * 144;
+        float dd = f16_to_f32(*(const u16*)blk);
+        float s0 = q4s_scale(2 * b, blk + 2), s1 = q4s_scale(2 * b + 1, blk + 2);
+        uint2 v = *(const uint2*)(blk + 16 + 16 * b + o);
+        const float* xl = x + sb * 256 + 32 * b + o;
+        const float* xh = xl + 16;
+        float4 xl0 = *(const float4*)xl, xl1 = *(const float4*)(xl + 4);
+        float4 xh0 = *(const float4*)xh, xh1 = *(const float4*)(xh + 4);
+        float ql = 0.f, qh = 0.f;
+        ql += grid[v.x & 15] * xl0.x + grid[(v.x >> 8) & 15] * xl0.y +
+              grid[(v.x >> 16) & 15] * xl0.z + grid[(v.x >> 24) & 15] * xl0.w;
+        ql += grid[v.y & 15] * xl1.x + grid[(v.y >> 8) & 15] * xl1.y +
+              grid[(v.y >> 16) & 15] * xl1.z + grid[(v.y >> 24) & 15] * xl1.w;
+        qh += grid[(v.x >> 4) & 15] * xh0.x + grid[(v.x >> 12) & 15] * xh0.y +
+              grid[(v.x >> 20) & 15] * xh0.z + grid[(v.x >> 28) & 15] * xh0.w;
+        qh += grid[(v.y >> 4) & 15] * xh1.x + grid[(v.y >> 12) & 15] * xh1.y +
+              grid[(v.y >> 20) & 15] * xh1.z + grid[(v.y >> 28) & 15] * xh1.w;
+        // weight = (d s[j]) grid[n], summed against x.
+        acc += (dd * s0) * ql + (dd * s1) * qh;
     }
     acc = warp_sum(acc);
     if (lane == 0) y[row] = acc;
