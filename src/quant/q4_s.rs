@@ -199,11 +199,8 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
     // d > 0; the largest sub-scale maps to 63, or to -64 when it is negative (the wider end).
     let mut best: Option<(f32, [i8; NSUB], f32)> = None;
     let amax_signed = a.iter().copied().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
-    let mut starts = [amax / S_MAX as f32, amax / S_MAX as f32];
-    if amax_signed < 0.0 {
-        starts[1] = amax / -S_MIN as f32;
-    }
-    for d0 in starts {
+    let starts = [amax / S_MAX as f32, amax / -S_MIN as f32];
+    for &d0 in &starts[..if amax_signed < 0.0 { 2 } else { 1 }] {
         let mut d = f16_round(d0);
         for _ in 0..3 {
             if d <= 0.0 || !d.is_finite() {
