@@ -36,6 +36,7 @@ fn fixtures_convert_and_verify_in_every_type() {
             (QuantType::Q8_0, QuantType::Bf16),
             (QuantType::Iq4Nl, QuantType::Q8_0),
             (QuantType::Q4_0, QuantType::Q8_0),
+            (QuantType::Q4S, QuantType::Q8_0),
         ] {
             let dst = tmp.path().join(format!("{name}-{e}-{d}"));
             convert_dir(&src, &dst, &opts(e, d)).unwrap();
@@ -46,6 +47,11 @@ fn fixtures_convert_and_verify_in_every_type() {
             // Every expert chunk is one aligned, contiguous read.
             for c in &m.manifest.experts {
                 assert_eq!(c.offset % 4096, 0);
+                for t in &c.tensors {
+                    // q4_s where rows are whole super-blocks (tiny), iq4_nl elsewhere (micro).
+                    let want = if e == QuantType::Q4S { QuantType::int4_for(t.shape[1]) } else { e };
+                    assert_eq!(t.qtype, want, "{name} {e}/{d}: {:?} {:?}", t.proj, t.shape);
+                }
                 let mut buf = Vec::new();
                 m.read_expert(c.layer, c.expert, &mut buf).unwrap();
                 assert_eq!(buf.len() as u64, c.raw_bytes);
@@ -217,6 +223,59 @@ fn killed_conversions_resume_to_identical_bytes() {
     assert!(out.status.success());
     assert!(!stderr(&out).contains("reusing dense-00000.bin"));
     assert_eq!(dir_contents(&dst), want);
+}
+
+/// The CLI's `q4` is q4_s, with iq4_nl for the rows that are not whole 256-weight super-blocks:
+/// on a synthetic model with d_model 256 and ffn 384, the expert gate and up rows (256 inputs)
+/// and the attention projections are q4_s, the expert down rows (384 inputs) iq4_nl, and every
+/// tensor's bytes are those of its type's quantizer.
+#[test]
+fn q4_is_q4_s_with_iq4_nl_for_other_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut preset = grok1::synth::Preset::by_name("micro").unwrap();
+    let c = &mut preset.config;
+    (c.d_model, c.ffn_size, c.n_layers, c.n_q_heads, c.n_kv_heads, c.head_dim) = (256, 384, 1, 4, 2, 64);
+    c.embedding_multiplier = 16.0;
+    c.attn_output_multiplier = 0.125;
+    preset.init = grok1::synth::InitScales::for_d_model(256);
+    let src = tmp.path().join("src");
+    grok1::synth::write(&preset, &src, &grok1::synth::SynthOptions { seed: 5, ..Default::default() }, &|_| {}).unwrap();
+    let dst = tmp.path().join("q4");
+    let out = run(convert_bin().arg("convert").arg(&src).arg(&dst).args(["--experts", "q4", "--dense", "q4", "--threads", "2"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(verify(&dst, &no_progress).unwrap().ok);
+    let m = ConvertedModel::open(&dst).unwrap();
+    assert_eq!((m.manifest.quant.experts, m.manifest.quant.dense), (QuantType::Q4S, QuantType::Q4S));
+    let source = checkpoint::open(&src, None).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut buf = Vec::new();
+    for s in source.tensors() {
+        let (qtype, bytes): (QuantType, Vec<u8>) = match s.tensor {
+            checkpoint::Tensor::Expert { layer, expert, proj } => {
+                m.read_expert(layer, expert, &mut buf).unwrap();
+                let t = m.expert_chunk(layer, expert).tensors.iter().find(|t| t.proj == proj.into()).unwrap();
+                (t.qtype, buf[t.offset as usize..(t.offset + t.bytes) as usize].to_vec())
+            }
+            t => {
+                let v = m.dense(&t.to_string()).unwrap();
+                (v.qtype, v.bytes.to_vec())
+            }
+        };
+        if qtype == QuantType::F32 {
+            continue;
+        }
+        assert_eq!(qtype, QuantType::int4_for(s.cols()), "{}", s.tensor);
+        seen.insert(qtype.name());
+        let mut w = vec![0f32; s.rows() * s.cols()];
+        source.read_rows(s.tensor, 0, &mut w).unwrap();
+        let rb = qtype.row_bytes(s.cols()).unwrap();
+        let mut want = vec![0u8; s.rows() * rb];
+        for (row, o) in w.chunks_exact(s.cols()).zip(want.chunks_exact_mut(rb)) {
+            qtype.quantize_row(row, o);
+        }
+        assert!(bytes == want, "{}: bytes differ from {qtype}'s quantizer", s.tensor);
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["iq4_nl", "q4_s"]);
 }
 
 /// Convert `src` with the CLI and return stderr, asserting failure and no manifest.

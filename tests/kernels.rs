@@ -11,7 +11,7 @@
 //! * The float paths against f64: `gamma(cols) * sum |w x|`.
 
 use grok1::kernels::{self, Isa, Matrix};
-use grok1::quant::{q4_k, QuantType};
+use grok1::quant::{q4_k, q4_s, QuantType};
 use proptest::prelude::*;
 
 const U: f64 = 1.0 / (1u64 << 24) as f64;
@@ -59,7 +59,7 @@ struct Case {
     w: Vec<f32>,
     /// Each weight's `scale * q` part, which meets the int8 activations, and its offset
     /// (`w = scaled - offset`; q4_k's kernels use `d*sc*(q - 8)` and `dmin*m - 8*d*sc`; zero
-    /// offsets for the other types).
+    /// offsets for the other types, q4_s included: its `d * s * GRID[n]` is the weight itself).
     scaled: Vec<f32>,
     offset: Vec<f32>,
     m: Matrix,
@@ -106,7 +106,12 @@ fn case(qtype: QuantType, rows: usize, cols: usize, rng: &mut Rng) -> Case {
 }
 
 fn is_int(q: QuantType) -> bool {
-    matches!(q, QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl | QuantType::Q4K)
+    matches!(q, QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl | QuantType::Q4K | QuantType::Q4S)
+}
+
+/// The types with 256-weight super-blocks.
+fn is_super(q: QuantType) -> bool {
+    matches!(q, QuantType::Q4K | QuantType::Q4S)
 }
 
 /// The activation quantizer's step `amax / 127` for each block of `x`.
@@ -149,9 +154,13 @@ fn bounds(c: &Case, xs: &[f32], n: usize) -> Vec<(f64, f64, f64)> {
 
 fn check_case(c: &Case, n: usize, rng: &mut Rng) -> Result<(), TestCaseError> {
     let xs = rng.vec(n * c.cols);
+    check_case_with(c, n, &xs)
+}
+
+fn check_case_with(c: &Case, n: usize, xs: &[f32]) -> Result<(), TestCaseError> {
     let mut reference = vec![0f32; n * c.rows];
-    c.m.matmul_on(Isa::Scalar, &xs, n, &mut reference);
-    let b = bounds(c, &xs, n);
+    c.m.matmul_on(Isa::Scalar, xs, n, &mut reference);
+    let b = bounds(c, xs, n);
     for (i, (&y, &(_, tol, exact))) in reference.iter().zip(&b).enumerate() {
         prop_assert!(
             (y as f64 - exact).abs() <= tol,
@@ -161,7 +170,7 @@ fn check_case(c: &Case, n: usize, rng: &mut Rng) -> Result<(), TestCaseError> {
     }
     for isa in Isa::available() {
         let mut ys = vec![f32::NAN; n * c.rows];
-        c.m.matmul_on(isa, &xs, n, &mut ys);
+        c.m.matmul_on(isa, xs, n, &mut ys);
         for (i, ((&y, &r), &(tol, _, _))) in ys.iter().zip(&reference).zip(&b).enumerate() {
             prop_assert!(
                 (y as f64 - r as f64).abs() <= tol,
@@ -173,9 +182,9 @@ fn check_case(c: &Case, n: usize, rng: &mut Rng) -> Result<(), TestCaseError> {
             // The public entry points take the selected path.
             let mut y1 = vec![f32::NAN; n * c.rows];
             if n == 1 {
-                c.m.matvec(&xs, &mut y1);
+                c.m.matvec(xs, &mut y1);
             } else {
-                c.m.matmul(&xs, n, &mut y1);
+                c.m.matmul(xs, n, &mut y1);
             }
             prop_assert_eq!(&y1, &ys);
         }
@@ -188,10 +197,10 @@ fn qtype_strategy() -> impl Strategy<Value = QuantType> {
 }
 
 /// A width for `qtype` from the strategies' numbers: any for floats, whole blocks otherwise (one
-/// to three super-blocks for q4_k).
+/// to three super-blocks for q4_k and q4_s).
 fn width(qtype: QuantType, blocks: usize, extra: usize) -> usize {
     match qtype {
-        QuantType::Q4K => 256 * (1 + blocks % 3),
+        q if is_super(q) => 256 * (1 + blocks % 3),
         q if is_int(q) => blocks * 32,
         _ => blocks * 32 - extra,
     }
@@ -231,6 +240,93 @@ proptest! {
             prop_assert!(out.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "row {}", r);
         }
     }
+
+    /// More cases for the super-block types, whose kernels have the most steps (sub-scales per
+    /// half block for q4_s, offsets for q4_k): odd row counts across tile boundaries, one to
+    /// four super-blocks, one to nine tokens.
+    #[test]
+    fn super_block_paths_match_scalar_and_exact(
+        qtype in prop::sample::select(vec![QuantType::Q4K, QuantType::Q4S]),
+        rows in 1usize..=53,
+        sbs in 1usize..=4,
+        n in 1usize..=9,
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng(seed);
+        let c = case(qtype, rows, 256 * sbs, &mut rng);
+        check_case(&c, n, &mut rng)?;
+    }
+
+    /// q4_s blocks of any bytes (random d, sub-scales across the whole -64..=63, nibbles), with
+    /// activations from random down to all at one magnitude, which makes every int8 activation
+    /// +-127: the largest integer sums a kernel can meet (|s * sum| up to 64 * 127 * 127 * 16).
+    #[test]
+    fn q4_s_any_bytes_match_scalar_and_exact(
+        rows in 1usize..=40,
+        sbs in 1usize..=3,
+        n in 1usize..=5,
+        flat in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng(seed);
+        let c = q4_s_raw_case(rows, 256 * sbs, &mut rng, |rng| {
+            let d = half::f16::from_f32((1e-4 * 10f64.powf(3.0 * rng.uniform())) as f32);
+            let s = (rng.next() % 128) as i8 - 64;
+            (d, s, (rng.next() % 16) as u8)
+        });
+        let xs: Vec<f32> = if flat {
+            (0..n * c.cols).map(|_| if rng.next().is_multiple_of(2) { 1.5 } else { -1.5 }).collect()
+        } else {
+            rng.vec(n * c.cols)
+        };
+        check_case_with(&c, n, &xs)?;
+    }
+}
+
+/// A q4_s case from raw blocks: `gen` gives each super-block's d (the first call's value is
+/// kept per super-block), each sub-block's scale and each nibble, in that order of use.
+fn q4_s_raw_case(rows: usize, cols: usize, rng: &mut Rng, mut gen: impl FnMut(&mut Rng) -> (half::f16, i8, u8)) -> Case {
+    let qtype = QuantType::Q4S;
+    let rb = qtype.row_bytes(cols).unwrap();
+    let mut bytes = vec![0u8; rows * rb];
+    for blk in bytes.chunks_exact_mut(q4_s::BLOCK_BYTES) {
+        let (d, _, _) = gen(rng);
+        let mut sc = [0i8; 16];
+        for s in sc.iter_mut() {
+            *s = gen(rng).1;
+        }
+        blk[0..2].copy_from_slice(&d.to_le_bytes());
+        blk[2..16].copy_from_slice(&q4_s::pack_scales(&sc));
+        for b in blk[16..].iter_mut() {
+            *b = gen(rng).2 | (gen(rng).2 << 4);
+        }
+    }
+    let mut w = vec![0f32; rows * cols];
+    for (r, out) in w.chunks_exact_mut(cols.max(1)).enumerate() {
+        qtype.dequantize_row(&bytes[r * rb..(r + 1) * rb], out);
+    }
+    let m = Matrix::from_bytes(qtype, rows, cols, &bytes).unwrap();
+    Case { qtype, rows, cols, bytes, scaled: w.clone(), offset: vec![0.0; w.len()], w, m }
+}
+
+/// The extremes of q4_s's integer sums, on every path: sub-scales -64 and 63; nibbles all at
+/// one end of the grid (-127 or 113), or each block's first half at one end and its second half
+/// at the other; activations all 1 (int8 127), or alternating +-1.
+#[test]
+fn q4_s_extreme_blocks_match_scalar() {
+    let mut rng = Rng(17);
+    for (s, nib) in [(-64i8, 0u8), (63, 0), (-64, 15), (63, 15), (-64, 255), (63, 255)] {
+        let mut i = 0usize;
+        let c = q4_s_raw_case(21, 512, &mut rng, |_| {
+            i += 1;
+            // 255: nibbles alternate between the two ends.
+            let n = if nib == 255 { if i.is_multiple_of(2) { 0 } else { 15 } } else { nib };
+            (half::f16::from_f32(0.5), s, n)
+        });
+        for xs in [vec![1f32; 2 * 512], (0..2 * 512).map(|k| if k % 2 == 0 { 1.0 } else { -1.0 }).collect()] {
+            check_case_with(&c, 2, &xs).unwrap();
+        }
+    }
 }
 
 /// Big enough to go through the thread pool (and every thread count gives the same bits, since
@@ -249,7 +345,12 @@ fn pooled_products_match_scalar() {
 #[test]
 fn matvec_pair_equals_two_matvecs() {
     let mut rng = Rng(11);
-    for (qa, qb) in [(QuantType::Q8_0, QuantType::Q8_0), (QuantType::Iq4Nl, QuantType::Bf16)] {
+    for (qa, qb) in [
+        (QuantType::Q8_0, QuantType::Q8_0),
+        (QuantType::Iq4Nl, QuantType::Bf16),
+        (QuantType::Q4S, QuantType::Q4K),
+        (QuantType::Q4S, QuantType::Q4S),
+    ] {
         let a = case(qa, 200, 512, &mut rng);
         let b = case(qb, 77, 512, &mut rng);
         let x = rng.vec(512);
@@ -277,8 +378,9 @@ fn reload_replaces_weights() {
         b.m.matvec(&x, &mut want);
         assert_eq!(y, want, "{qtype}");
         assert!(m.reload(&b.bytes[1..]).is_err());
-        // 37 rows pad to 48; q4_k's scales take 1/36 more than on disk.
-        let want = b.bytes.len() / 37 * 48 * if qtype == QuantType::Q4K { 37 } else { 36 } / 36;
+        // 37 rows pad to 48; q4_k's and q4_s's tile super-blocks (2368 bytes for 16 rows of 256
+        // weights, 144 bytes each on disk) take 1/36 more than on disk.
+        let want = b.bytes.len() / 37 * 48 * if is_super(qtype) { 37 } else { 36 } / 36;
         assert_eq!(m.resident_bytes(), want, "{qtype}");
     }
 }
@@ -298,11 +400,13 @@ fn shape_errors_are_reported() {
 /// itself, or q4_k's `d*sc*(q - 8)`). The measured error must match it, and for activations without
 /// outliers stay under 1% of the output's RMS (amax of 32 such values is about 2.3 sigma,
 /// predicting about 0.5%); under 1.5% for q4_k, whose `d*sc*(q - 8)` is larger than the weight
-/// wherever a sub-block's zero is far from q = 8 (measured about 1.0%).
+/// wherever a sub-block's zero is far from q = 8 (measured about 1.0%). q4_s applies its
+/// sub-scales to exact integer sums, so rounding x multiplies `d * s * GRID[n]`, the weight
+/// itself, as for iq4_nl: the same 1%.
 #[test]
 fn int_paths_error_matches_rounding_model() {
     let mut rng = Rng(5);
-    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4_0, QuantType::Q4K] {
+    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4_0, QuantType::Q4K, QuantType::Q4S] {
         let c = case(qtype, 256, 2048, &mut rng);
         for outliers in [false, true] {
             let x = if outliers { rng.vec(2048) } else { rng.plain_vec(2048) };

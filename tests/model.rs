@@ -160,8 +160,13 @@ fn quantized_weights_measured_against_golden() {
             "{:<16} {:<14} {:>10.3e} {:>11.3e} {:>11.3e} {:>6.3}",
             f.name, "(unrelated)", unrelated.max_abs, unrelated.median_kl, unrelated.mean_kl, unrelated.top1
         );
+        let c = f.config();
         for dense in [QuantType::Bf16, QuantType::Q8_0] {
-            for experts in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4_0] {
+            for experts in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4_0, QuantType::Q4S] {
+                // q4_s needs expert rows of whole 256-weight super-blocks: tiny's, not micro's.
+                if experts.row_bytes(c.d_model).is_none() || experts.row_bytes(c.ffn_size).is_none() {
+                    continue;
+                }
                 let a = quantized_agreement(&f, dense, experts);
                 let (med, mean) = (a.median_kl / unrelated.median_kl, a.mean_kl / unrelated.mean_kl);
                 eprintln!(
@@ -199,6 +204,31 @@ fn quantized_model_equals_naive_forward_on_its_own_weights() {
         assert!(a.top1 >= 0.9, "{splits:?}: {a:?}");
         let d = max_abs_diff(&naive, &ours);
         assert!(d < 0.2, "{splits:?}: max |d| {d:e}");
+    }
+}
+
+/// The same on the tiny fixture, whose expert rows are whole super-blocks, for q4_s experts (the
+/// integer kernel with per-half-block sub-scales) and iq4_nl for comparison. Its routers have
+/// more near-ties, so activation rounding flips more of them: measured median / mean KL
+/// 1.0e-5 / 4.5e-5 (q4_s) and 2.7e-5 / 1.8e-4 (iq4_nl), top-1 0.96 and 0.90, max |d| 0.14 and
+/// 0.23. Unrelated logits are at 1.6e-2 / 1.4e-2 (top-1 0.23, max |d| 0.82), and the weights'
+/// own 4-bit error against the golden logits at about 5e-4 / 1.2e-3; the bounds sit well below.
+#[test]
+fn q4_s_model_equals_naive_forward_on_its_own_weights() {
+    let Some(f) = tiny_hf() else { return };
+    let toks = f.tokens();
+    for experts in [QuantType::Iq4Nl, QuantType::Q4S] {
+        let model = f.model(QuantType::Q8_0, experts);
+        let naive = naive_forward(model.config(), model.weights(), &toks.all, true);
+        let v = naive[0].len();
+        let as_golden = grok1::npy::NpyArray { shape: vec![naive.len(), v], data: naive.concat() };
+        let ours = logits_by_chunks(&model, &toks.all, &[toks.prompt.len()]);
+        let a = compare(&as_golden, &ours);
+        let d = max_abs_diff(&naive, &ours);
+        eprintln!("{} experts {experts}: {a:?}", f.name);
+        assert!(a.median_kl < 1e-4 && a.mean_kl < 5e-4, "{experts}: {a:?}");
+        assert!(a.top1 >= 0.85, "{experts}: {a:?}");
+        assert!(d < 0.4, "{experts}: max |d| {d:e}");
     }
 }
 

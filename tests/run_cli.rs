@@ -129,6 +129,12 @@ fn a_synthetic_model_generates_from_a_prompt_and_checks_its_tokenizer() {
     };
     conv(&["synth", "--preset", "tiny", ck.to_str().unwrap()]);
     conv(&["convert", ck.to_str().unwrap(), m.to_str().unwrap(), "--experts", "q4", "--dense", "q8"]);
+    // `q4` is q4_s; every expert row of the tiny preset (256 or 1024 inputs) is whole super-blocks.
+    let converted = grok1::format::ConvertedModel::open(&m).unwrap();
+    assert_eq!(converted.manifest.quant.experts, grok1::quant::QuantType::Q4S);
+    for c in &converted.manifest.experts {
+        assert!(c.tensors.iter().all(|t| t.qtype == grok1::quant::QuantType::Q4S), "{:?}", c.tensors);
+    }
     let model = m.to_str().unwrap();
     let out = run(&["generate", "--model", model, "--prompt", "The answer is", "-n", "8", "--temperature", "0.7", "--seed", "3"]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("The answer is"));

@@ -23,10 +23,12 @@ enum Cmd {
     Convert {
         src: PathBuf,
         dst: PathBuf,
-        /// Expert weights: q8 (int8), q4 (int4, non-uniform grid), q4_0, bf16 (lossless).
+        /// Expert weights: q8 (int8), q4 (int4: q4_s, or iq4_nl for rows that are not whole
+        /// 256-weight super-blocks), bf16 (lossless); q4_k, iq4_nl, q4_0 by name.
         #[arg(long, default_value = "q8")]
         experts: QuantType,
-        /// Dense weights (embedding, attention): bf16 or q8.
+        /// Dense weights (embedding, attention): bf16 or q8; also q4 (q4_s, or iq4_nl for rows
+        /// that are not whole 256-weight super-blocks), q4_k, iq4_nl, q4_0.
         #[arg(long, default_value = "bf16")]
         dense: QuantType,
         #[arg(long)]
