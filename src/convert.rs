@@ -171,11 +171,7 @@ fn plan(src: &dyn TensorSource, opts: &ConvertOptions) -> Result<Plan> {
     let make_part = |t: Tensor| -> Result<Part> {
         let s = src.tensor(t).ok_or_else(|| Error::bad_tensor(t.to_string(), "missing"))?;
         let (rows, cols) = (s.rows(), s.cols());
-        let qtype = match qtype_for(t, opts) {
-            // q4_s and q4_k need rows of whole 256-weight super-blocks; other rows get iq4_nl.
-            QuantType::Q4S | QuantType::Q4K if cols % QuantType::Q4S.block_len() != 0 => QuantType::Iq4Nl,
-            q => q,
-        };
+        let qtype = qtype_for(t, opts).for_row(cols);
         let row_bytes = qtype.row_bytes(cols).ok_or_else(|| {
             Error::bad_tensor(
                 t.to_string(),
@@ -277,9 +273,9 @@ fn run_piece(src: &dyn TensorSource, plan: &Plan, pc: &Piece, compression: Compr
     let mut rows = vec![0f32; pc.nrows * part.cols];
     src.read_rows(part.tensor, pc.row0, &mut rows)?;
     src.done_with_rows(part.tensor, pc.row0, pc.nrows);
-    // x - x is NaN exactly for NaN and infinities; the sum vectorizes, the search runs only on
+    // x * 0 is NaN exactly for NaN and infinities; the sum vectorizes, the search runs only on
     // a bad piece.
-    let any_bad = rows.iter().fold(0f32, |acc, &x| acc + (x - x)).is_nan();
+    let any_bad = rows.iter().fold(0f32, |acc, &x| acc + x * 0.0).is_nan();
     if let Some(i) = any_bad.then(|| rows.iter().position(|x| !x.is_finite())).flatten() {
         return Err(Error::bad_tensor(
             part.tensor.to_string(),

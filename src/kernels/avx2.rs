@@ -365,6 +365,7 @@ unsafe fn s4_tile<const T: usize>(j: &S4Job, ti: usize, t0: usize) {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
             }
             let dv = _mm256_cvtph_ps(_mm_load_si128(sb.add(s4::D_OFF + 16 * half) as *const __m128i));
+            let dv = _mm256_mul_ps(dv, _mm256_set1_ps(s4::D_UNIT));
             for sub in 0..s4::SUB {
                 let b = s * s4::SUB + sub;
                 let w = decode::<TABLE>(sb.add(sub * 256 + 32 * half), stab);

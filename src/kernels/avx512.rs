@@ -325,6 +325,7 @@ unsafe fn s4_tile<const T: usize>(j: &S4Job, ti: usize, t0: usize) {
         let sb = base.add(s * s4::SB_BYTES);
         let ahead = sb.wrapping_add(s4::PF);
         let dv = _mm512_cvtph_ps(_mm256_load_si256(sb.add(s4::D_OFF) as *const __m256i));
+        let dv = _mm512_mul_ps(dv, _mm512_set1_ps(s4::D_UNIT));
         for sub in 0..s4::SUB {
             for l in s4::PF_LINES * sub..(s4::PF_LINES * (sub + 1)).min(s4::SB_BYTES / 64) {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);

@@ -341,7 +341,7 @@ unsafe fn s4_tile<const DOT: bool>(j: &S4Job, ti: usize, t0: usize, nt: usize) {
         let sb = base.add(s * s4::SB_BYTES);
         let mut d = [0f32; TILE];
         for (i, v) in d.iter_mut().enumerate() {
-            *v = half::f16::from_le_bytes([*sb.add(s4::D_OFF + 2 * i), *sb.add(s4::D_OFF + 2 * i + 1)]).to_f32();
+            *v = half::f16::from_le_bytes([*sb.add(s4::D_OFF + 2 * i), *sb.add(s4::D_OFF + 2 * i + 1)]).to_f32() * s4::D_UNIT;
         }
         for sub in 0..s4::SUB {
             for l in s4::PF_LINES * sub..(s4::PF_LINES * (sub + 1)).min(s4::SB_BYTES / 64) {

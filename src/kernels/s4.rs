@@ -1,5 +1,5 @@
 //! q4_s in tiles of 16 rows. Weight `e` of a 32-weight block `b` of a super-block is
-//! `d * s[2b + e/16] * GRID[n]`: two integer sub-scales per block, one per half. So a row's dot
+//! `d * s[2b + e/16] * GRID[n]` (`d` here the stored f16 times 2^-13): two integer sub-scales per block, one per half. So a row's dot
 //! product with quantized activations `x` is, per block,
 //! `d * dx * (s_lo * sum_lo(GRID[n] xq) + s_hi * sum_hi(GRID[n] xq))`: the two half sums are
 //! what the 4-bit kernels compute anyway (low nibbles are the first half, high nibbles the
@@ -11,7 +11,7 @@
 //! 0     8 x 256  nibbles of block b (32 weights), laid out as a 4-bit block (see `pack`)
 //! 2048  8 x 16   s[2b] of rows 0..16 (i8)
 //! 2176  8 x 16   s[2b + 1] of rows 0..16
-//! 2304  16 x f16 d of rows 0..16
+//! 2304  16 x f16 d of rows 0..16 (as stored: the kernels multiply by 2^-13)
 //! 2336  32 bytes of padding, to a whole number of cache lines
 //! ```
 //! 4.625 bits per weight in memory against the on-disk 4.5: the sub-scales are whole bytes.
@@ -24,6 +24,7 @@ use crate::quant::{IQ4_NL_GRID, QK};
 use std::ops::Range;
 
 pub(crate) use super::k4::{PF, PF_LINES, SB_BYTES, SUB};
+pub(crate) use crate::quant::q4_s::D_UNIT;
 /// Offsets inside a tile super-block.
 pub(crate) const SLO_OFF: usize = SUB * 256;
 pub(crate) const SHI_OFF: usize = SLO_OFF + SUB * TILE;
@@ -112,7 +113,7 @@ pub(crate) fn unpack_row(k: &K4Tiles, data: &[u8], r: usize, out: &mut [f32]) {
     let i = r % TILE;
     for (s, y) in out.chunks_exact_mut(QK_S).enumerate() {
         let sb = &tile[s * SB_BYTES..(s + 1) * SB_BYTES];
-        let d = f16_at(sb, D_OFF + 2 * i);
+        let d = f16_at(sb, D_OFF + 2 * i) * D_UNIT;
         for (b, y) in y.chunks_exact_mut(QK).enumerate() {
             let c0 = d * sb[SLO_OFF + b * TILE + i] as i8 as f32;
             let c1 = d * sb[SHI_OFF + b * TILE + i] as i8 as f32;
@@ -136,7 +137,7 @@ pub(crate) unsafe fn tiles_scalar(j: &S4Job, tiles: Range<usize>) {
                 let mut acc = 0f32;
                 for s in 0..j.k.nsb {
                     let sb = &tile[s * SB_BYTES..(s + 1) * SB_BYTES];
-                    let d = f16_at(sb, D_OFF + 2 * i);
+                    let d = f16_at(sb, D_OFF + 2 * i) * D_UNIT;
                     for sub in 0..SUB {
                         let b = s * SUB + sub;
                         let x = j.acts.q(tok, b);

@@ -177,6 +177,8 @@ fn load_f32(src: &dyn TensorSource, t: Tensor) -> Result<Vec<f32>> {
 fn load_matrix(src: &dyn TensorSource, t: Tensor, qtype: QuantType) -> Result<Matrix> {
     let shape = t.shape(src.config());
     let (rows, cols) = (shape[0], shape[1]);
+    // As the converter does: the super-block types fall back to iq4_nl on shorter rows.
+    let qtype = qtype.for_row(cols);
     let rb = qtype.row_bytes(cols).ok_or_else(|| {
         Error::bad_tensor(
             t.to_string(),

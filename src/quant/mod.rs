@@ -85,10 +85,16 @@ impl QuantType {
     /// The int4 type for rows of `cols` weights: q4_s (lowest error at 4.5 bits) when the row is
     /// a whole number of its 256-weight super-blocks, else iq4_nl (32-weight blocks).
     pub fn int4_for(cols: usize) -> QuantType {
-        if cols % q4_s::QK_S == 0 {
-            QuantType::Q4S
-        } else {
-            QuantType::Iq4Nl
+        QuantType::Q4S.for_row(cols)
+    }
+
+    /// The type that stores rows of `cols` weights when `self` is asked for: the super-block
+    /// types (q4_s, q4_k) need whole 256-weight super-blocks, and other rows get iq4_nl, the
+    /// int4 with 32-weight blocks. Every other type is itself.
+    pub fn for_row(self, cols: usize) -> QuantType {
+        match self {
+            QuantType::Q4S | QuantType::Q4K if cols % QK_K != 0 => QuantType::Iq4Nl,
+            q => q,
         }
     }
 
@@ -190,7 +196,7 @@ impl fmt::Display for QuantType {
 impl FromStr for QuantType {
     type Err = String;
     /// Accepts the type names and the CLI's short forms: `q8` = q8_0, `q4` = q4_s (the converter
-    /// gives rows that are not whole super-blocks iq4_nl: `int4_for`).
+    /// gives rows that are not whole super-blocks iq4_nl: `for_row`).
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
             "f32" => Ok(QuantType::F32),

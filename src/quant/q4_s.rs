@@ -1,7 +1,11 @@
 //! q4_s: our int4 for rows that are whole multiples of 256, 4.5 bits per weight. A super-block
-//! of 256 weights is 16 sub-blocks of 16; weight `e` of sub-block `j` is `d * s[j] * GRID[n]`,
-//! with `d` the super-block's f16 scale, `s[j]` a signed 7-bit integer (-64..=63) and `n` a
-//! nibble into iq4_nl's non-uniform grid. Two things make its error lower than q4_k's and
+//! of 256 weights is 16 sub-blocks of 16; weight `e` of sub-block `j` is
+//! `d * 2^-13 * s[j] * GRID[n]`, with `d` the super-block's f16 scale, `s[j]` a signed 7-bit
+//! integer (-64..=63) and `n` a nibble into iq4_nl's non-uniform grid. The fixed factor 2^-13
+//! (about 1 / (63 * 127)) makes the stored `d` about the super-block's largest weight, so it is
+//! a normal f16, with all 11 bits of precision, for weights from 6.1e-5 to 65,000; without it,
+//! `d` would be an f16 subnormal (losing precision, then vanishing) for any block whose weights
+//! are all below about 0.5. Two things make its error lower than q4_k's and
 //! iq4_nl's at the same size: a scale per 16 weights instead of per 32 (a sub-block's range
 //! follows its own largest weight), and the non-uniform grid, which fits bell-shaped weights
 //! better than evenly spaced levels. The sub-scale is signed because the grid is not symmetric
@@ -10,7 +14,7 @@
 //! Byte layout (144 bytes):
 //!
 //! ```text
-//! 0..2     d      f16 LE
+//! 0..2     d      f16 LE (the scale is d * 2^-13)
 //! 2..10    low 4 bits of s[j] + 64: byte 2 + j/2, low nibble for even j
 //! 10..16   high 3 bits of s[j] + 64: a 48-bit LE integer, bits 3j..3j+3
 //! 16..144  nibbles: 8 blocks of 16 bytes; byte l of block b holds weight 32b + l in its low
@@ -38,8 +42,16 @@ pub const BLOCK_BYTES: usize = 2 + 8 + 6 + QK_S / 2;
 /// The sub-scale range.
 pub const S_MIN: i32 = -64;
 pub const S_MAX: i32 = 63;
+/// The unit of the stored `d`: 2^-13. Multiplying by it is exact in f32.
+pub const D_UNIT: f32 = 1.0 / 8192.0;
 /// Below this a scale would underflow f16; such sub-blocks and super-blocks are zeros.
 const TINY: f32 = 1e-30;
+
+/// `d` rounded to what a block can store (an f16 multiple of `D_UNIT`).
+#[inline(always)]
+fn round_d(d: f32) -> f32 {
+    f16_round(d / D_UNIT) * D_UNIT
+}
 
 /// The 16 sub-scales from a block's bytes 2..16.
 #[inline(always)]
@@ -201,7 +213,7 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
     let amax_signed = a.iter().copied().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
     let starts = [amax / S_MAX as f32, amax / -S_MIN as f32];
     for &d0 in &starts[..if amax_signed < 0.0 { 2 } else { 1 }] {
-        let mut d = f16_round(d0);
+        let mut d = round_d(d0);
         for _ in 0..3 {
             if d <= 0.0 || !d.is_finite() {
                 break;
@@ -215,7 +227,7 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
             if den <= 0.0 {
                 break;
             }
-            let dn = f16_round(num / den);
+            let dn = round_d(num / den);
             if dn == d {
                 break;
             }
@@ -223,7 +235,7 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
         }
     }
     let Some((d, s, _)) = best else { return };
-    b[..2].copy_from_slice(&f16_scale(d).to_le_bytes());
+    b[..2].copy_from_slice(&f16_scale(d / D_UNIT).to_le_bytes());
     b[2..16].copy_from_slice(&pack_scales(&s));
     for j in 0..NSUB {
         let c = d * s[j] as f32;
@@ -258,12 +270,12 @@ fn quantize_row_generic(row: &[f32], out: &mut [u8]) {
     }
 }
 
-/// The reference decoder: `(d * s[j]) * GRID[n]`, every product exact in f32 (11 + 7 + 8
-/// significant bits), so the decoded weights are exact.
+/// The reference decoder: `((d * 2^-13) * s[j]) * GRID[n]`, every product exact in f32 (11 + 7
+/// + 8 significant bits, a power of two), so the decoded weights are exact.
 #[inline(always)]
 fn dequantize_row_generic(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(QK_S)) {
-        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32() * D_UNIT;
         let s = unpack_scales(&b[2..16]);
         for blk in 0..NSUB / 2 {
             let q = &b[16 + 16 * blk..32 + 16 * blk];

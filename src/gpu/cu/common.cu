@@ -99,6 +99,9 @@ __device__ __forceinline__ void q4k_scale_min(int j, const u8* s, float* sc, flo
 // bits 3j .. 3j + 3 of the 48-bit little-endian integer in bytes 8..14, stored offset by 64.
 // Bits 3j .. 3j + 3 lie in the two bytes from 8 + 3j / 8; for j = 15 the second is block byte 16
 // (the first nibbles), read but shifted out.
+// q4_s's scale is its stored f16 d times 2^-13.
+#define Q4S_D_UNIT (1.0f / 8192.0f)
+
 __device__ __forceinline__ float q4s_scale(int j, const u8* s) {
     int bit = 3 * j;
     u32 hi = ((u32)s[8 + (bit >> 3)] | ((u32)s[9 + (bit >> 3)] << 8)) >> (bit & 7);

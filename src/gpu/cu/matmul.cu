@@ -67,7 +67,7 @@ __device__ __forceinline__ void load8(const u8* w, const u16* d, int row, int co
         const u8* blk = w + ((size_t)row * nsb + sb) * 144;
         // Block b of 16 nibble bytes holds sub-block 2b in its low nibbles, 2b + 1 in its high.
         int b = within / 32, hi = (within % 32) >= 16, l = within % 16;
-        float a = f16_to_f32(*(const u16*)blk) * q4s_scale(2 * b + hi, blk + 2);
+        float a = f16_to_f32(*(const u16*)blk) * Q4S_D_UNIT * q4s_scale(2 * b + hi, blk + 2);
         uint2 v = *(const uint2*)(blk + 16 + 16 * b + l);
         u32 words[2] = {v.x, v.y};
         #pragma unroll

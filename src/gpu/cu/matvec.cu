@@ -203,7 +203,7 @@ extern "C" __global__ void matvec_q4_s(const u8* w, const u16* d, const float* x
     float acc = 0.0f;
     for (int sb = half; sb < nsb; sb += 2) {
         const u8* blk = wr + (size_t)sb * 144;
-        float dd = f16_to_f32(*(const u16*)blk);
+        float dd = f16_to_f32(*(const u16*)blk) * Q4S_D_UNIT;
         float s0 = q4s_scale(2 * b, blk + 2), s1 = q4s_scale(2 * b + 1, blk + 2);
         uint2 v = *(const uint2*)(blk + 16 + 16 * b + o);
         const float* xl = x + sb * 256 + 32 * b + o;
