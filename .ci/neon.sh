@@ -33,4 +33,7 @@ for cpu in max cortex-a53; do
     echo "== kernels on aarch64, qemu -cpu $cpu"
     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu -cpu $cpu" \
         cargo test --release --target "$target" --test kernels
+    # Which path ran (sdot or smull/sadalp).
+    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu -cpu $cpu" \
+        cargo test --release --target "$target" --test kernels -q describe_names_the_path -- --nocapture 2>&1 | grep '^kernels:'
 done

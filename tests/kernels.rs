@@ -440,6 +440,7 @@ fn int_paths_error_matches_rounding_model() {
 #[test]
 fn describe_names_the_path() {
     let d = kernels::describe();
+    eprintln!("kernels: {d}");
     assert!(d.starts_with(kernels::selected().name()), "{d}");
     assert!(Isa::available().contains(&Isa::Scalar));
     assert!(Isa::available().contains(&kernels::selected()));
