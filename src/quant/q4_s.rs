@@ -26,8 +26,8 @@
 //!
 //! The quantizer: each sub-block's best real scale (iq4_nl's search: the largest weight tried at
 //! several grid positions, least-squares scale for each, then re-assignment and refit); `d` from
-//! the largest of them (trying both ends of the signed range), each `s[j]` the best of the
-//! integers next to `a[j] / d`, then `d` refit by least squares over the super-block and the
+//! the largest of them (trying both ends of the signed range), each `s[j]` the better of the two
+//! integers either side of `a[j] / d`, then `d` refit by least squares over the super-block and the
 //! integers chosen again while the squared error falls.
 
 use super::iq4_nl::{nearest_cell, nearest_index, CANDIDATES, CELL_OFFSET, CELL_VALUE, NC};
@@ -164,16 +164,17 @@ fn sub_scale(x: &[f32; SUB]) -> f32 {
     a
 }
 
-/// Integer sub-scales for super-block scale `d`, each the best of the three integers around
-/// `a[j] / d`; returns them with the total squared error and the least-squares sums for `d`.
+/// Integer sub-scales for super-block scale `d`, each the better of the two integers either
+/// side of `a[j] / d`; returns them with the total squared error and the least-squares sums for `d`.
 #[inline(always)]
 fn choose_ints(x: &[[f32; SUB]; NSUB], a: &[f32; NSUB], d: f32) -> ([i8; NSUB], f32, f32, f32) {
     let mut s = [0i8; NSUB];
     let (mut err, mut num, mut den) = (0f32, 0f32, 0f32);
     for j in 0..NSUB {
-        let r = (a[j] / d).round().clamp(S_MIN as f32, S_MAX as f32) as i32;
+        let u = (a[j] / d).clamp(S_MIN as f32, S_MAX as f32);
+        let lo = u.floor() as i32;
         let mut best = (f32::MAX, 0f32, 0f32, 0i32);
-        for t in [r, r - 1, r + 1] {
+        for t in [lo, lo + 1] {
             if !(S_MIN..=S_MAX).contains(&t) {
                 continue;
             }
