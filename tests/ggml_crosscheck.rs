@@ -37,9 +37,11 @@ fn ggml_type(t: QuantType) -> ggml::ggml_type {
         QuantType::Iq4Nl => ggml::ggml_type_GGML_TYPE_IQ4_NL,
         QuantType::Q4K => ggml::ggml_type_GGML_TYPE_Q4_K,
         QuantType::F32 | QuantType::Bf16 => unreachable!("not a block type"),
+        QuantType::Q4S => unreachable!("q4_s is ours: ggml has no such type"),
     }
 }
 
+/// The block types ggml shares with us (q4_s is ours alone).
 const BLOCK_TYPES: [QuantType; 4] =
     [QuantType::Q8_0, QuantType::Q4_0, QuantType::Iq4Nl, QuantType::Q4K];
 
