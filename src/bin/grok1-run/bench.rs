@@ -32,7 +32,12 @@ struct BenchReport {
     decode_tok_s: f64,
     weight_bytes_per_token: u64,
     decode_gb_s: f64,
+    /// The mean of the two probes, taken right before prefill and right after decoding: on a
+    /// shared machine the bandwidth on offer drifts (measured here: 33 to 65 GB/s between runs
+    /// minutes apart), and one probe may catch a moment the decode did not see.
     read_bandwidth_gb_s: f64,
+    read_bandwidth_before_gb_s: f64,
+    read_bandwidth_after_gb_s: f64,
     roofline_fraction: f64,
     roofline_tok_s: f64,
     /// Expert residency statistics, when experts are streamed (`--ram-budget`).
@@ -59,7 +64,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         })
         .collect();
 
-    let bandwidth = grok1::kernels::measure_read_bandwidth(threads);
+    let before = grok1::kernels::measure_read_bandwidth(threads);
 
     let mut cache = KvCache::new(&config, a.prompt_tokens + a.gen_tokens + 1);
     let t0 = Instant::now();
@@ -77,6 +82,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         next = argmax(&logits);
     }
     let decode_s = t1.elapsed().as_secs_f64();
+    let after = grok1::kernels::measure_read_bandwidth(threads);
+    let bandwidth = (before + after) / 2.0;
 
     let bytes = model.decode_weight_bytes() as u64;
     let decode_tok_s = a.gen_tokens as f64 / decode_s;
@@ -91,6 +98,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         weight_bytes_per_token: bytes,
         decode_gb_s,
         read_bandwidth_gb_s: bandwidth / 1e9,
+        read_bandwidth_before_gb_s: before / 1e9,
+        read_bandwidth_after_gb_s: after / 1e9,
         roofline_fraction: decode_gb_s * 1e9 / bandwidth,
         roofline_tok_s: bandwidth / bytes as f64,
         experts: model.store().map(|s| s.stats()),
@@ -108,6 +117,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             100.0 * r.roofline_fraction,
             r.read_bandwidth_gb_s,
             r.roofline_tok_s
+        );
+        println!(
+            "bandwidth:      {:.2} GB/s before prefill, {:.2} GB/s after decoding",
+            r.read_bandwidth_before_gb_s, r.read_bandwidth_after_gb_s
         );
         if let Some(s) = &r.experts {
             println!("{}", s.summary());
