@@ -134,41 +134,39 @@ fn quantize_row_generic((x, q, d, c, s, h): Row) {
     for (((((x, q), d), c), s), h) in blocks.zip(d).zip(c).zip(s).zip(h.chunks_exact_mut(2)) {
         let x: &[f32; QK] = x.try_into().unwrap();
         let q: &mut [u8; QK] = q.try_into().unwrap();
-        let (scale, sum) = quantize_block(x, q);
+        let (scale, [lo, hi]) = quantize_block(x, q);
         *d = scale;
-        *c = -128 * sum;
-        let mut lo = 0i32;
-        for &v in &q[..QK / 2] {
-            lo += v as i8 as i32;
-        }
+        *c = -128 * (lo + hi);
         h[0] = -128 * lo;
-        h[1] = -128 * (sum - lo);
+        h[1] = -128 * hi;
         // In order, so every path sees the same value.
         *s = x.iter().fold(0f32, |a, v| a + v);
     }
 }
 
-/// Returns the block's scale and the sum of its int8 values.
+/// Returns the block's scale and the sums of its int8 values over its two halves of 16.
 #[inline(always)]
-pub(crate) fn quantize_block(x: &[f32; QK], q: &mut [u8; QK]) -> (f32, i32) {
+pub(crate) fn quantize_block(x: &[f32; QK], q: &mut [u8; QK]) -> (f32, [i32; 2]) {
     let mut amax = 0f32;
     for v in x {
         amax = amax.max(v.abs());
     }
     if amax == 0.0 {
         q.fill(0);
-        return (0.0, 0);
+        return (0.0, [0, 0]);
     }
     let id = 127.0 / amax;
     // Adding and removing 1.5 * 2^23 rounds to the nearest integer, ties to even, for |v| < 2^22:
     // exact, branch-free, and vectorizes, unlike a call to roundeven.
     const MAGIC: f32 = 12_582_912.0;
-    let mut sum = 0i32;
-    for (o, v) in q.iter_mut().zip(x) {
-        let r = ((v * id) + MAGIC) - MAGIC;
-        let i = r as i32;
-        sum += i;
-        *o = i as i8 as u8;
+    let mut sums = [0i32; 2];
+    for (h, sum) in sums.iter_mut().enumerate() {
+        for (o, v) in q[h * QK / 2..(h + 1) * QK / 2].iter_mut().zip(&x[h * QK / 2..]) {
+            let r = ((v * id) + MAGIC) - MAGIC;
+            let i = r as i32;
+            *sum += i;
+            *o = i as i8 as u8;
+        }
     }
-    (amax / 127.0, sum)
+    (amax / 127.0, sums)
 }

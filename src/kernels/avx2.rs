@@ -147,15 +147,23 @@ unsafe fn tile<const KIND: u8, const T: usize>(j: &IntJob, ti: usize, t0: usize)
             }
         }
     }
+    store_rows(j.y, j.ystride, j.rows, ti, t0, &acc);
+}
+
+/// Write tile `ti`'s outputs for tokens t0..t0+T (`acc[k][half]`: rows 8 half .. 8 half + 8),
+/// skipping the padding rows past `rows`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn store_rows<const T: usize>(y: *mut f32, ystride: usize, rows: usize, ti: usize, t0: usize, acc: &[[__m256; 2]; T]) {
     let r0 = ti * TILE;
     for half in 0..2 {
-        let valid = j.rows.saturating_sub(r0 + 8 * half).min(8);
+        let valid = rows.saturating_sub(r0 + 8 * half).min(8);
         if valid == 0 {
             continue;
         }
         let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         for (k, a) in acc.iter().enumerate() {
-            _mm256_maskstore_ps(j.y.add((t0 + k) * j.ystride + r0 + 8 * half), mask, a[half]);
+            _mm256_maskstore_ps(y.add((t0 + k) * ystride + r0 + 8 * half), mask, a[half]);
         }
     }
 }
@@ -310,17 +318,7 @@ unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
             }
         }
     }
-    let r0 = ti * TILE;
-    for half in 0..2 {
-        let valid = j.rows.saturating_sub(r0 + 8 * half).min(8);
-        if valid == 0 {
-            continue;
-        }
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        for (k, a) in acc.iter().enumerate() {
-            _mm256_maskstore_ps(j.y.add((t0 + k) * j.ystride + r0 + 8 * half), mask, a[half]);
-        }
-    }
+    store_rows(j.y, j.ystride, j.rows, ti, t0, &acc);
 }
 
 pub(crate) unsafe fn s4_tiles(j: &S4Job, tiles: Range<usize>) {
@@ -386,15 +384,5 @@ unsafe fn s4_tile<const T: usize>(j: &S4Job, ti: usize, t0: usize) {
             }
         }
     }
-    let r0 = ti * TILE;
-    for half in 0..2 {
-        let valid = j.rows.saturating_sub(r0 + 8 * half).min(8);
-        if valid == 0 {
-            continue;
-        }
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        for (k, a) in acc.iter().enumerate() {
-            _mm256_maskstore_ps(j.y.add((t0 + k) * j.ystride + r0 + 8 * half), mask, a[half]);
-        }
-    }
+    store_rows(j.y, j.ystride, j.rows, ti, t0, &acc);
 }

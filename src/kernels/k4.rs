@@ -110,9 +110,10 @@ pub(crate) fn pack(k: &K4Tiles, rows: usize, bytes: &[u8], first: usize, out: &m
     }
 }
 
-/// Nibble `e` (0..32) of row `i` of the sub-block whose quants start at `q`.
+/// Nibble `e` (0..32) of row `i` of the 32-weight block whose quants start at `q` (the 4-bit
+/// tile layout, shared with q4_s).
 #[inline]
-fn nibble(q: &[u8], i: usize, e: usize) -> u8 {
+pub(crate) fn nibble(q: &[u8], i: usize, e: usize) -> u8 {
     let kk = e % 16;
     let byte = q[kk / 4 * 64 + i * 4 + kk % 4];
     if e < 16 {
@@ -122,7 +123,7 @@ fn nibble(q: &[u8], i: usize, e: usize) -> u8 {
     }
 }
 
-fn f16_at(b: &[u8], at: usize) -> f32 {
+pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 

@@ -17,7 +17,7 @@
 //! 4.625 bits per weight in memory against the on-disk 4.5: the sub-scales are whole bytes.
 
 use super::act::QActs;
-use super::k4::K4Tiles;
+use super::k4::{f16_at, nibble, K4Tiles};
 use super::pack::TILE;
 use crate::quant::q4_s::{unpack_scales, BLOCK_BYTES, QK_S};
 use crate::quant::{IQ4_NL_GRID, QK};
@@ -89,22 +89,6 @@ pub(crate) fn pack(k: &K4Tiles, rows: usize, bytes: &[u8], first: usize, out: &m
             }
         }
     }
-}
-
-/// Nibble `e` (0..32) of row `i` of the block whose quants start at `q`.
-#[inline]
-fn nibble(q: &[u8], i: usize, e: usize) -> u8 {
-    let kk = e % 16;
-    let byte = q[kk / 4 * 64 + i * 4 + kk % 4];
-    if e < 16 {
-        byte & 0x0f
-    } else {
-        byte >> 4
-    }
-}
-
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 /// Row `r` as f32, bit for bit the reference decoder's.

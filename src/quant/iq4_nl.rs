@@ -23,14 +23,14 @@ pub const IQ4_NL_GRID: [i8; 16] =
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 /// Grid positions tried for the block's largest-magnitude weight (see the module comment).
-pub(crate) const CANDIDATES: [f32; 12] =
+const CANDIDATES: [f32; 12] =
     [-137.0, -131.0, -125.0, -119.0, -113.0, -107.0, 94.8, 100.5, 106.2, 111.8, 117.5, 123.2];
-pub(crate) const NC: usize = CANDIDATES.len();
+const NC: usize = CANDIDATES.len();
 
 /// Cells of width 0.5 covering grid positions [-160, 160); positions beyond clamp to the ends,
 /// whose nearest grid point is the end point anyway.
 const NCELLS: usize = 640;
-pub(crate) const CELL_OFFSET: f32 = 320.0;
+const CELL_OFFSET: f32 = 320.0;
 
 const fn nearest_index_of_cell(c: usize) -> u8 {
     // Compare in quarter units so the cell centre (c / 2 - 160 + 0.25) is an integer.
@@ -58,7 +58,7 @@ const CELL_INDEX: [u8; NCELLS] = {
     t
 };
 
-pub(crate) const CELL_VALUE: [f32; NCELLS] = {
+const CELL_VALUE: [f32; NCELLS] = {
     let mut t = [0f32; NCELLS];
     let mut c = 0;
     while c < NCELLS {
@@ -85,9 +85,10 @@ pub fn nearest_index(u: f32) -> u8 {
     CELL_INDEX[nearest_cell(u)]
 }
 
-/// Squared error, sum(g * x) and sum(g * g) of the nearest-grid assignment at scale `d`.
+/// Squared error, sum(g * x) and sum(g * g) of the nearest-grid assignment at scale `d` (nonzero)
+/// of `N` weights, `N` a multiple of 8.
 #[inline(always)]
-fn evaluate(x: &[f32; QK], d: f32) -> (f32, f32, f32) {
+pub(crate) fn evaluate<const N: usize>(x: &[f32; N], d: f32) -> (f32, f32, f32) {
     let id = 1.0 / d;
     // Eight independent lanes so the sums vectorize; the order is fixed, so every build agrees.
     let mut e = [0f32; 8];
@@ -123,14 +124,25 @@ fn choose_scale(x: &[f32; QK]) -> f32 {
         for v in clean.iter_mut() {
             *v = if v.is_nan() { 0.0 } else { v.clamp(f32::MIN, f32::MAX) };
         }
-        return search_scale(&clean);
+        return search_scale::<QK, true>(&clean);
     }
-    search_scale(x)
+    search_scale::<QK, true>(x)
 }
 
-/// `choose_scale` for a block of finite weights.
 #[inline(always)]
-fn search_scale(x: &[f32; QK]) -> f32 {
+fn round_if<const F16: bool>(d: f32) -> f32 {
+    if F16 {
+        f16_round(d)
+    } else {
+        d
+    }
+}
+
+/// The least-squares scale of `N` finite weights on the grid, 0 when they are all but zero:
+/// rounded to f16 at every step when `F16` (a block that stores it so), exact otherwise (q4_s's
+/// sub-blocks, whose scales are integers under a shared one).
+#[inline(always)]
+pub(crate) fn search_scale<const N: usize, const F16: bool>(x: &[f32; N]) -> f32 {
     let mut amax = 0f32;
     let mut max = 0f32;
     for &v in x {
@@ -168,13 +180,13 @@ fn search_scale(x: &[f32; QK]) -> f32 {
             best = k;
         }
     }
-    let mut d = f16_round(sgx[best] / sgg[best]);
+    let mut d = round_if::<F16>(sgx[best] / sgg[best]);
     if d == 0.0 || !d.is_finite() {
         return 0.0;
     }
     let (mut err, mut gx, mut gg) = evaluate(x, d);
     for _ in 0..2 {
-        let dn = f16_round(gx / gg);
+        let dn = round_if::<F16>(gx / gg);
         if dn == d || dn == 0.0 || !dn.is_finite() {
             break;
         }

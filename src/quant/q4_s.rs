@@ -30,7 +30,7 @@
 //! integers either side of `a[j] / d`, then `d` refit by least squares over the super-block and the
 //! integers chosen again while the squared error falls.
 
-use super::iq4_nl::{nearest_cell, nearest_index, CANDIDATES, CELL_OFFSET, CELL_VALUE, NC};
+use super::iq4_nl::{evaluate as evaluate_nonzero, nearest_index, search_scale};
 use super::{f16_round, f16_scale, IQ4_NL_GRID};
 
 /// Weights per super-block.
@@ -92,76 +92,7 @@ fn evaluate(x: &[f32; SUB], c: f32) -> (f32, f32, f32) {
         }
         return (e, 0.0, 0.0);
     }
-    let ic = 1.0 / c;
-    let mut e = [0f32; 8];
-    let mut gx = [0f32; 8];
-    let mut gg = [0f32; 8];
-    for h in x.chunks_exact(8) {
-        for l in 0..8 {
-            let g = CELL_VALUE[nearest_cell(h[l] * ic)];
-            let r = h[l] - c * g;
-            e[l] += r * r;
-            gx[l] += g * h[l];
-            gg[l] += g * g;
-        }
-    }
-    (super::hsum(&e), super::hsum(&gx), super::hsum(&gg))
-}
-
-/// The best real scale of one sub-block of finite weights (0 when it is all but zero).
-#[inline(always)]
-fn sub_scale(x: &[f32; SUB]) -> f32 {
-    let (mut amax, mut max) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax < TINY {
-        return 0.0;
-    }
-    // As in iq4_nl: the largest weight at each candidate grid position, which keeps every cell
-    // index inside the table.
-    let inv = 1.0 / max;
-    let mut ids2 = [0f32; NC];
-    for k in 0..NC {
-        ids2[k] = 2.0 * CANDIDATES[k] * inv;
-    }
-    let mut sgx = [0f32; NC];
-    let mut sgg = [0f32; NC];
-    for &v in x {
-        for k in 0..NC {
-            let c = v * ids2[k] + CELL_OFFSET;
-            // SAFETY: |v * ids2[k]| <= 2 * 137 (1 + 2^-22) for finite v, so c is in [45, 595].
-            let g = unsafe { *CELL_VALUE.get_unchecked(c.to_int_unchecked::<i32>() as usize) };
-            sgx[k] += g * v;
-            sgg[k] += g * g;
-        }
-    }
-    let mut best = 0;
-    for k in 1..NC {
-        if sgx[k] * sgx[k] * sgg[best] > sgx[best] * sgx[best] * sgg[k] {
-            best = k;
-        }
-    }
-    let mut a = sgx[best] / sgg[best];
-    if a == 0.0 || !a.is_finite() {
-        return 0.0;
-    }
-    let (mut err, mut gx, mut gg) = evaluate(x, a);
-    for _ in 0..2 {
-        let an = gx / gg;
-        if an == a || an == 0.0 || !an.is_finite() {
-            break;
-        }
-        let (en, gxn, ggn) = evaluate(x, an);
-        if en >= err {
-            break;
-        }
-        (a, err, gx, gg) = (an, en, gxn, ggn);
-    }
-    a
+    evaluate_nonzero(x, c)
 }
 
 /// Integer sub-scales for super-block scale `d`, each the better of the two integers either
@@ -202,7 +133,8 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
     let mut a = [0f32; NSUB];
     let mut amax = 0f32;
     for j in 0..NSUB {
-        a[j] = sub_scale(&subs[j]);
+        // iq4_nl's search, without rounding the scale: it becomes an integer under `d`.
+        a[j] = search_scale::<SUB, false>(&subs[j]);
         amax = amax.max(a[j].abs());
     }
     b.fill(0);
