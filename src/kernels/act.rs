@@ -5,7 +5,7 @@
 //! Every ISA uses this one quantizer, so all paths see the same integers and differ only in the
 //! order of float additions.
 
-use super::pack::AlignedBuf;
+use super::buf::AlignedBuf;
 use crate::quant::QK;
 
 /// `n` quantized activation vectors, each padded to `nbp` blocks with zeros.

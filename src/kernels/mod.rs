@@ -20,11 +20,13 @@
 
 mod act;
 mod bandwidth;
+mod buf;
+mod float;
 mod k4;
+mod layout;
 mod pack;
 mod pool;
 mod s4;
-mod scalar;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -36,12 +38,10 @@ mod neon;
 mod matrix;
 
 pub use bandwidth::measure_read_bandwidth;
+pub use buf::AlignedBuf;
 pub use matrix::Matrix;
 pub use pool::{run as parallel_for, set_threads, threads};
 
-use act::QActs;
-use pack::{FloatTiles, Tiled};
-use std::ops::Range;
 use std::sync::OnceLock;
 
 /// An instruction-set path.
@@ -166,89 +166,3 @@ fn neon_detail() -> &'static str {
     }
     "NEON, int8 via smull/sadalp"
 }
-
-/// One integer matrix product: tiled weights times quantized activations.
-pub(crate) struct IntJob<'a> {
-    pub t: &'a Tiled,
-    pub data: *const u8,
-    /// Real rows; tile rows past this are padding and not stored.
-    pub rows: usize,
-    pub acts: &'a QActs,
-    /// `y[tok * ystride + row]`
-    pub y: *mut f32,
-    pub ystride: usize,
-}
-
-/// One float matrix product: tiled bf16 or f32 weights times f32 activations.
-pub(crate) struct FloatJob<'a> {
-    pub f: &'a FloatTiles,
-    pub data: *const u8,
-    /// Real rows; tile rows past this are padding and not stored.
-    pub rows: usize,
-    pub cols: usize,
-    /// `[n, cols]`
-    pub xs: &'a [f32],
-    pub n: usize,
-    /// `y[tok * ystride + row]`
-    pub y: *mut f32,
-    pub ystride: usize,
-}
-
-// Jobs are shared by the pool's threads, which write disjoint rows of `y`.
-unsafe impl Sync for IntJob<'_> {}
-unsafe impl Sync for FloatJob<'_> {}
-
-/// Compute output tiles `tiles` of `j` on `isa`. The caller guarantees `isa.is_available()`.
-pub(crate) unsafe fn int_tiles(isa: Isa, j: &IntJob, tiles: Range<usize>) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::int_tiles(j, tiles),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::int_tiles(j, tiles),
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon => neon::int_tiles(j, tiles),
-        _ => scalar::int_tiles(j, tiles),
-    }
-}
-
-/// Compute output tiles `tiles` of q4_k job `j` on `isa`. The caller guarantees
-/// `isa.is_available()`.
-pub(crate) unsafe fn k4_tiles(isa: Isa, j: &k4::K4Job, tiles: Range<usize>) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::k4_tiles(j, tiles),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::k4_tiles(j, tiles),
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon => neon::k4_tiles(j, tiles),
-        _ => k4::tiles_scalar(j, tiles),
-    }
-}
-
-/// Compute output tiles `tiles` of q4_s job `j` on `isa`. The caller guarantees
-/// `isa.is_available()`.
-pub(crate) unsafe fn s4_tiles(isa: Isa, j: &s4::S4Job, tiles: Range<usize>) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::s4_tiles(j, tiles),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::s4_tiles(j, tiles),
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon => neon::s4_tiles(j, tiles),
-        _ => s4::tiles_scalar(j, tiles),
-    }
-}
-
-/// Compute output tiles `tiles` of `j` on `isa`. The caller guarantees `isa.is_available()`.
-pub(crate) unsafe fn float_tiles(isa: Isa, j: &FloatJob, tiles: Range<usize>) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::float_tiles(j, tiles),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::float_tiles(j, tiles),
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon => neon::float_tiles(j, tiles),
-        _ => scalar::float_tiles(j, tiles),
-    }
-}
-
