@@ -42,6 +42,7 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+pub(crate) mod bytes;
 pub mod iq4_nl;
 pub mod measure;
 pub mod q4_0;
@@ -52,6 +53,7 @@ pub mod q8_0;
 pub use iq4_nl::IQ4_NL_GRID;
 pub use q4_k::QK_K;
 
+use bytes::block_scale;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -225,12 +227,6 @@ pub(crate) fn dequantize_nibble_row(bytes: &[u8], out: &mut [f32], table: &[i8; 
             y[j + QK / 2] = d * table[(b[2 + j] >> 4) as usize] as f32;
         }
     }
-}
-
-/// Read the little-endian f16 scale at the start of a block.
-#[inline(always)]
-pub(crate) fn block_scale(block: &[u8]) -> f32 {
-    half::f16::from_le_bytes([block[0], block[1]]).to_f32()
 }
 
 /// A scale as a block stores it: f16, rounded to nearest even like ggml's `GGML_FP32_TO_FP16`,

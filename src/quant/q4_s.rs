@@ -31,6 +31,7 @@
 //! integers chosen again while the squared error falls.
 
 use super::iq4_nl::{evaluate as evaluate_nonzero, nearest_index, search_scale};
+use super::bytes::block_scale;
 use super::{f16_round, f16_scale, IQ4_NL_GRID};
 
 /// Weights per super-block.
@@ -208,7 +209,7 @@ fn quantize_row_generic(row: &[f32], out: &mut [u8]) {
 #[inline(always)]
 fn dequantize_row_generic(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(QK_S)) {
-        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32() * D_UNIT;
+        let d = block_scale(b) * D_UNIT;
         let s = unpack_scales(&b[2..16]);
         for blk in 0..NSUB / 2 {
             let q = &b[16 + 16 * blk..32 + 16 * blk];

@@ -21,6 +21,8 @@
 
 mod search;
 
+use super::bytes::f16_at;
+
 /// Weights per super-block.
 pub const QK_K: usize = 256;
 pub const BLOCK_BYTES: usize = 4 + 12 + QK_K / 2;
@@ -92,8 +94,7 @@ unsafe fn quantize_row_avx2(row: &[f32], out: &mut [u8]) {
 #[inline(always)]
 fn dequantize_row_generic(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(QK_K)) {
-        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-        let dmin = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
         let scales = &b[4..16];
         let qs = &b[16..BLOCK_BYTES];
         for c in 0..4 {
