@@ -22,8 +22,8 @@
 //!
 //! # How the runner uses it (integration design)
 //!
-//! **Budget.** `grok1-run --gpu-budget BYTES` (suffixes as in `plan::parse_bytes`: `20G`,
-//! `24GB`, `0` to keep the GPU out). The default is the device's free memory minus a margin
+//! **Budget.** To be given as `grok1-run --gpu-budget BYTES`, a flag the runner does not have
+//! yet (sizes as `crate::size::parse_size` reads them: `20G`, `24GB`, `0` to keep the GPU out). The default is the device's free memory minus a margin
 //! (`plan::default_budget`: the larger of 1 GiB and 5% of the card, for the CUDA context, the
 //! kernels' module and fragmentation). The runner prints
 //! `no GPU found (REASON); running on the CPU` when [`available`] fails.

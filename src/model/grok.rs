@@ -3,14 +3,14 @@
 //! products, tokens grouped by expert) and one token at a time (`decode`: matrix-vector products,
 //! no allocation once the buffers have grown).
 
-use super::attention::{attend, grow, AttnParams, AttnScratch};
+use super::attention::{attend, AttnParams, AttnScratch};
 use super::kv_cache::KvCache;
-use super::moe::{moe, project, Experts, MoeScratch};
-use super::ops::{add_rms_norm_rows, rms_norm_rows, rope_in_place, rope_phases};
+use super::moe::{moe, MoeScratch};
+use super::ops::{add_rms_norm_rows, grow, project, rms_norm_rows, rope_in_place, rope_phases};
 use super::weights::Weights;
 use crate::config::GrokConfig;
 use crate::error::{Error, Result};
-use crate::residency::ExpertStore;
+use crate::residency::{ExpertSource, ExpertStore};
 use std::sync::Mutex;
 
 pub struct Model {
@@ -86,6 +86,14 @@ impl Model {
     /// The expert store, when experts are streamed.
     pub fn store(&self) -> Option<&ExpertStore> {
         self.store.as_ref()
+    }
+
+    /// Where the MoE takes its experts from: the store when they are streamed, else the weights.
+    fn experts(&self) -> &dyn ExpertSource {
+        match &self.store {
+            Some(store) => store,
+            None => &self.weights,
+        }
     }
 
     pub fn config(&self) -> &GrokConfig {
@@ -193,13 +201,7 @@ impl Model {
 
             // Mixture of experts: h += norm3(moe(norm2(h)))
             rms_norm_rows(h, &lw.ffn_norm, eps, xn);
-            let experts = match &self.store {
-                None => Experts::Resident(w),
-                Some(store) => {
-                    Experts::Store { store, next_router: w.layers.get(l + 1).map(|n| n.router.as_slice()) }
-                }
-            };
-            moe(experts, &lw.router, l, c.n_experts, c.n_experts_per_token, xn, block_out, &mut s.moe)?;
+            moe(self.experts(), w, l, c.n_experts, c.n_experts_per_token, xn, block_out, &mut s.moe)?;
             add_rms_norm_rows(h, block_out, &lw.ffn_out_norm, eps, row);
         }
 
@@ -211,9 +213,7 @@ impl Model {
         for x in logits.iter_mut() {
             *x *= c.output_multiplier as f32;
         }
-        if let Some(store) = &self.store {
-            store.advance(t_n as u64);
-        }
+        self.experts().tokens_done(t_n as u64);
         Ok(())
     }
 

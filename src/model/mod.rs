@@ -11,4 +11,4 @@ pub mod weights;
 
 pub use grok::Model;
 pub use kv_cache::KvCache;
-pub use weights::{ExpertWeights, LayerWeights, Weights};
+pub use weights::{LayerWeights, Weights};

@@ -2,14 +2,15 @@
 //! its GeGLU, and the outputs are summed weighted by the router's raw softmax probabilities.
 //!
 //! Tokens are grouped by expert, so that a batch of `T` tokens reads each expert's weights once
-//! (one matrix-matrix product per projection) instead of once per token.
+//! (one matrix-matrix product per projection) instead of once per token. Where the experts come
+//! from (the resident weights, or a store that streams them) is the `ExpertSource`'s business.
 
-use super::attention::grow;
-use super::ops::{axpy, dot, gelu_tanh, softmax};
+use super::ops::{axpy, dot, gelu_tanh, grow, project, softmax};
 use super::weights::Weights;
 use crate::error::Result;
+use crate::expert::Expert;
 use crate::kernels::Matrix;
-use crate::residency::ExpertStore;
+use crate::residency::ExpertSource;
 
 /// Buffers reused between calls.
 #[derive(Default)]
@@ -52,29 +53,12 @@ pub fn route(router: &[f32], x: &[f32], k: usize, probs: &mut [f32], chosen: &mu
     }
 }
 
-/// `y = W x` for one row, `ys = W xs` for several.
-pub(crate) fn project(m: &Matrix, xs: &[f32], n: usize, ys: &mut [f32]) {
-    if n == 1 {
-        m.matvec(xs, ys)
-    } else {
-        m.matmul(xs, n, ys)
-    }
-}
-
-/// Where a layer's experts come from: the resident weights, or a store that streams them.
-#[derive(Clone, Copy)]
-pub enum Experts<'a> {
-    Resident(&'a Weights),
-    /// Streamed; `next_router` (the next layer's router) lets the store prefetch that layer's
-    /// likely experts while this one computes.
-    Store { store: &'a ExpertStore, next_router: Option<&'a [f32]> },
-}
-
-/// `out[t] = sum over chosen e of gate_e * expert_e(x[t])` for the rows of `xn` (`[T, d]`).
+/// `out[t] = sum over chosen e of gate_e * expert_e(x[t])` for the rows of `xn` (`[T, d]`),
+/// routed by `layer`'s router in `w`, the experts taken from `experts`.
 #[allow(clippy::too_many_arguments)]
 pub fn moe(
-    experts: Experts,
-    router: &[f32],
+    experts: &dyn ExpertSource,
+    w: &Weights,
     layer: usize,
     n_experts: usize,
     k: usize,
@@ -82,6 +66,7 @@ pub fn moe(
     out: &mut [f32],
     s: &mut MoeScratch,
 ) -> Result<()> {
+    let router = &w.layers[layer].router;
     let d = router.len() / n_experts;
     let t_n = xn.len() / d;
     let probs = grow(&mut s.probs, n_experts);
@@ -94,51 +79,35 @@ pub fn moe(
     s.needed.clear();
     s.needed.extend((0..n_experts).filter(|&e| s.chosen[..t_n * k].iter().any(|c| c.0 == e)));
 
-    out.fill(0.0);
-    match experts {
-        Experts::Resident(w) => {
-            for i in 0..s.needed.len() {
-                let e = s.needed[i];
-                let x = w.expert(layer, e);
-                expert_contribution(e, (&x.gate, &x.up, &x.down), xn, k, out, s);
-            }
-        }
-        Experts::Store { store, next_router } => {
-            if let Some(next) = next_router {
-                // Guess the next layer's experts by applying its router to this layer's input:
-                // the residual stream changes little from one layer to the next.
-                let mut guess = vec![(0usize, 0f32); k];
-                s.guess.clear();
-                for t in 0..t_n {
-                    route(next, &xn[t * d..][..d], k, probs, &mut guess);
-                    for &(e, _) in &guess {
-                        if !s.guess.contains(&e) {
-                            s.guess.push(e);
-                        }
-                    }
+    if let Some(next) = w.layers.get(layer + 1).filter(|_| experts.takes_guesses()) {
+        // Guess the next layer's experts by applying its router to this layer's input: the
+        // residual stream changes little from one layer to the next.
+        let mut guess = vec![(0usize, 0f32); k];
+        s.guess.clear();
+        for t in 0..t_n {
+            route(&next.router, &xn[t * d..][..d], k, probs, &mut guess);
+            for &(e, _) in &guess {
+                if !s.guess.contains(&e) {
+                    s.guess.push(e);
                 }
-                store.hint_next_layer(layer + 1, &s.guess);
             }
-            let needed = std::mem::take(&mut s.needed);
-            for item in store.fetch(layer, &needed) {
-                let (e, x) = item?;
-                expert_contribution(e, (&x.gate, &x.up, &x.down), xn, k, out, s);
-            }
-            s.needed = needed;
         }
+        experts.guess_next_layer(layer + 1, &s.guess);
     }
-    Ok(())
+
+    out.fill(0.0);
+    let needed = std::mem::take(&mut s.needed);
+    let r = experts.for_each_expert(layer, &needed, &mut |e, x| {
+        expert_contribution(e, x, xn, k, out, s);
+        Ok(())
+    });
+    s.needed = needed;
+    r
 }
 
 /// Add expert `e`'s output, weighted by its gate, to the rows of `out` routed to it.
-fn expert_contribution(
-    e: usize,
-    (w_gate, w_up, w_down): (&Matrix, &Matrix, &Matrix),
-    xn: &[f32],
-    k: usize,
-    out: &mut [f32],
-    s: &mut MoeScratch,
-) {
+fn expert_contribution(e: usize, x: &Expert, xn: &[f32], k: usize, out: &mut [f32], s: &mut MoeScratch) {
+    let (w_gate, w_up, w_down) = (&x.gate, &x.up, &x.down);
     let d = w_gate.cols;
     let t_n = xn.len() / d;
     s.members.clear();

@@ -1,4 +1,7 @@
-//! The element-wise pieces of the forward pass, all in f32.
+//! The element-wise pieces of the forward pass, all in f32, and the two helpers every step of
+//! it uses: growing a scratch buffer and projecting rows through a matrix.
+
+use crate::kernels::Matrix;
 
 /// `out = scale * x / sqrt(mean(x^2) + eps)` (Grok's RMSNorm multiplies by `scale`, not
 /// `1 + scale`). The mean is accumulated in f64 so that long rows lose nothing to summation order.
@@ -150,5 +153,22 @@ mod tests {
             let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             assert!((dot(&a, &b) as f64 - want).abs() < 1e-5, "n={n}");
         }
+    }
+}
+
+/// `buf[..n]`, growing `buf` if needed (never shrinking, so steady-state calls allocate nothing).
+pub(crate) fn grow(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
+}
+
+/// `y = W x` for one row, `ys = W xs` for several.
+pub(crate) fn project(m: &Matrix, xs: &[f32], n: usize, ys: &mut [f32]) {
+    if n == 1 {
+        m.matvec(xs, ys)
+    } else {
+        m.matmul(xs, n, ys)
     }
 }

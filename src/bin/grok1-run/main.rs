@@ -28,7 +28,7 @@ pub struct ModelArgs {
     pub threads: Option<usize>,
     /// Bound the RAM held by expert weights (e.g. 24GB, 512MiB): the rest are read from the
     /// model's chunks on demand, the most used kept. Default: every expert in RAM.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_size_arg)]
     pub ram_budget: Option<u64>,
     /// Read every expert from disk when needed, with no cache and no prefetch (a baseline).
     #[arg(long)]
@@ -44,12 +44,9 @@ pub struct ModelArgs {
     pub no_prefetch: bool,
 }
 
+/// Sizes on the command line (`24GB`, `512MiB`), as `grok1::size::parse_size` reads them.
 pub fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s)
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    grok1::residency::parse_size(s).map_err(|e| e.to_string())
+    grok1::size::parse_size(s).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
