@@ -2,6 +2,7 @@
 //! the pieces it is made of.
 
 pub mod attention;
+pub mod backend;
 mod grok;
 pub mod kv_cache;
 pub mod load;
@@ -9,6 +10,6 @@ pub mod moe;
 pub mod ops;
 pub mod weights;
 
-pub use grok::Model;
+pub use grok::{Model, Scratch};
 pub use kv_cache::KvCache;
 pub use weights::{LayerWeights, Weights};

@@ -5,6 +5,7 @@
 //! (one matrix-matrix product per projection) instead of once per token. Where the experts come
 //! from (the resident weights, or a store that streams them) is the `ExpertSource`'s business.
 
+use super::backend::Backend;
 use super::ops::{axpy, dot, gelu_tanh, grow, project, softmax};
 use super::weights::Weights;
 use crate::error::Result;
@@ -23,6 +24,15 @@ pub struct MoeScratch {
     /// Experts used by the batch, and the guess for the next layer's.
     needed: Vec<usize>,
     guess: Vec<usize>,
+    /// The router's input on the host, and the host experts' sum on its way to a device.
+    xn_host: Vec<f32>,
+    host_sum: Vec<f32>,
+    expert: ExpertScratch,
+}
+
+/// Buffers of one expert's evaluation.
+#[derive(Default)]
+pub struct ExpertScratch {
     xs: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
@@ -53,28 +63,31 @@ pub fn route(router: &[f32], x: &[f32], k: usize, probs: &mut [f32], chosen: &mu
     }
 }
 
-/// `out[t] = sum over chosen e of gate_e * expert_e(x[t])` for the rows of `xn` (`[T, d]`),
-/// routed by `layer`'s router in `w`, the experts taken from `experts`.
+/// `out[t] = sum over chosen e of gate_e * expert_e(x[t])` for the `t_n` rows of `xn`, routed
+/// by `layer`'s router in `w`. Routing runs on the host in f32 (it flips on tiny differences);
+/// the experts the backend holds run there, the others come from `experts` and run on the host.
 #[allow(clippy::too_many_arguments)]
-pub fn moe(
+pub fn moe<B: Backend>(
+    b: &B,
     experts: &dyn ExpertSource,
     w: &Weights,
     layer: usize,
     n_experts: usize,
     k: usize,
-    xn: &[f32],
-    out: &mut [f32],
+    xn: &B::Buf,
+    t_n: usize,
+    out: &mut B::Buf,
     s: &mut MoeScratch,
 ) -> Result<()> {
     let router = &w.layers[layer].router;
     let d = router.len() / n_experts;
-    let t_n = xn.len() / d;
+    let xh = b.download(xn, t_n * d, &mut s.xn_host);
     let probs = grow(&mut s.probs, n_experts);
     if s.chosen.len() < t_n * k {
         s.chosen.resize(t_n * k, (0, 0.0));
     }
     for t in 0..t_n {
-        route(router, &xn[t * d..][..d], k, probs, &mut s.chosen[t * k..][..k]);
+        route(router, &xh[t * d..][..d], k, probs, &mut s.chosen[t * k..][..k]);
     }
     s.needed.clear();
     s.needed.extend((0..n_experts).filter(|&e| s.chosen[..t_n * k].iter().any(|c| c.0 == e)));
@@ -85,7 +98,7 @@ pub fn moe(
         let mut guess = vec![(0usize, 0f32); k];
         s.guess.clear();
         for t in 0..t_n {
-            route(&next.router, &xn[t * d..][..d], k, probs, &mut guess);
+            route(&next.router, &xh[t * d..][..d], k, probs, &mut guess);
             for &(e, _) in &guess {
                 if !s.guess.contains(&e) {
                     s.guess.push(e);
@@ -95,28 +108,56 @@ pub fn moe(
         experts.guess_next_layer(layer + 1, &s.guess);
     }
 
-    out.fill(0.0);
-    let needed = std::mem::take(&mut s.needed);
-    let r = experts.for_each_expert(layer, &needed, &mut |e, x| {
-        expert_contribution(e, x, xn, k, out, s);
-        Ok(())
-    });
-    s.needed = needed;
-    r
-}
-
-/// Add expert `e`'s output, weighted by its gate, to the rows of `out` routed to it.
-fn expert_contribution(e: usize, x: &Expert, xn: &[f32], k: usize, out: &mut [f32], s: &mut MoeScratch) {
-    let (w_gate, w_up, w_down) = (&x.gate, &x.up, &x.down);
-    let d = w_gate.cols;
-    let t_n = xn.len() / d;
-    s.members.clear();
-    for t in 0..t_n {
-        if let Some(&(_, g)) = s.chosen[t * k..][..k].iter().find(|c| c.0 == e) {
-            s.members.push((t, g));
+    b.zero(out, t_n * d);
+    let chosen = &s.chosen[..t_n * k];
+    let mut on_device = 0;
+    let mut host_work = false;
+    for &e in &s.needed {
+        if b.holds_expert(layer, e) {
+            members_of(e, chosen, k, &mut s.members);
+            on_device += s.members.len() as u64;
+            b.expert(layer, e, xn, t_n, &s.members, out, &mut s.expert);
+        } else {
+            host_work = true;
         }
     }
-    let n = s.members.len();
+    b.routed((t_n * k) as u64, on_device);
+
+    // The source is asked even when the backend holds every needed expert: a store counts
+    // those as device hits and ranks them.
+    let (needed, members, scratch) = (&s.needed, &mut s.members, &mut s.expert);
+    let mut host_experts = |acc: &mut [f32]| {
+        experts.for_each_expert(layer, needed, &mut |e, x| {
+            if !b.holds_expert(layer, e) {
+                members_of(e, chosen, k, members);
+                expert_rows(x, xh, members, acc, scratch);
+            }
+            Ok(())
+        })
+    };
+    if host_work {
+        b.add_from_host(out, t_n * d, &mut s.host_sum, host_experts)
+    } else {
+        host_experts(&mut [])
+    }
+}
+
+/// The rows routed to expert `e`, with their gates.
+fn members_of(e: usize, chosen: &[(usize, f32)], k: usize, members: &mut Vec<(usize, f32)>) {
+    members.clear();
+    for (t, c) in chosen.chunks_exact(k).enumerate() {
+        if let Some(&(_, g)) = c.iter().find(|c| c.0 == e) {
+            members.push((t, g));
+        }
+    }
+}
+
+/// Add expert `x`'s output, weighted by each member's gate, to the member rows of `out`
+/// (`members`: (row of `xn`, gate) pairs).
+pub fn expert_rows(x: &Expert, xn: &[f32], members: &[(usize, f32)], out: &mut [f32], s: &mut ExpertScratch) {
+    let (w_gate, w_up, w_down) = (&x.gate, &x.up, &x.down);
+    let d = w_gate.cols;
+    let n = members.len();
     if n == 0 {
         return;
     }
@@ -124,12 +165,12 @@ fn expert_contribution(e: usize, x: &Expert, xn: &[f32], k: usize, out: &mut [f3
     let gate = grow(&mut s.gate, n * f);
     let up = grow(&mut s.up, n * f);
     if n == 1 {
-        let t = s.members[0].0;
+        let t = members[0].0;
         // One pass over the pool for both projections, the input quantized once.
         Matrix::matvec_pair(w_gate, w_up, &xn[t * d..][..d], gate, up);
     } else {
         let xs = grow(&mut s.xs, n * d);
-        for (i, &(t, _)) in s.members.iter().enumerate() {
+        for (i, &(t, _)) in members.iter().enumerate() {
             xs[i * d..][..d].copy_from_slice(&xn[t * d..][..d]);
         }
         project(w_gate, xs, n, gate);
@@ -140,7 +181,7 @@ fn expert_contribution(e: usize, x: &Expert, xn: &[f32], k: usize, out: &mut [f3
     }
     let ys = grow(&mut s.ys, n * d);
     project(w_down, gate, n, ys);
-    for (i, &(t, g)) in s.members.iter().enumerate() {
+    for (i, &(t, g)) in members.iter().enumerate() {
         axpy(g, &ys[i * d..][..d], &mut out[t * d..][..d]);
     }
 }

@@ -59,6 +59,37 @@ impl Weights {
         &self.layers[layer].experts[e]
     }
 
+    /// A dense matrix by name: the embedding (also the output head) or a layer's attention.
+    ///
+    /// # Panics
+    /// On a tensor that is not a dense matrix.
+    pub fn matrix(&self, t: Tensor) -> &Matrix {
+        match t {
+            Tensor::Embedding => &self.embedding,
+            Tensor::AttnQ(l) => &self.layers[l].q,
+            Tensor::AttnK(l) => &self.layers[l].k,
+            Tensor::AttnV(l) => &self.layers[l].v,
+            Tensor::AttnO(l) => &self.layers[l].o,
+            other => panic!("{other} is not a dense matrix"),
+        }
+    }
+
+    /// A norm scale or router by name.
+    ///
+    /// # Panics
+    /// On a tensor that is a matrix.
+    pub fn vector(&self, t: Tensor) -> &[f32] {
+        match t {
+            Tensor::OutputNorm => &self.output_norm,
+            Tensor::AttnNorm(l) => &self.layers[l].attn_norm,
+            Tensor::AttnOutNorm(l) => &self.layers[l].attn_out_norm,
+            Tensor::FfnNorm(l) => &self.layers[l].ffn_norm,
+            Tensor::Router(l) => &self.layers[l].router,
+            Tensor::FfnOutNorm(l) => &self.layers[l].ffn_out_norm,
+            other => panic!("{other} is not an f32 vector"),
+        }
+    }
+
     /// Read every tensor of `src`, quantizing the dense matrices (attention and the embedding)
     /// to `dense` and the expert matrices to `experts`.
     pub fn from_source(src: &dyn TensorSource, dense: QuantType, experts: QuantType) -> Result<Weights> {
