@@ -22,8 +22,8 @@
 //!
 //! # How the runner uses it (integration design)
 //!
-//! **Budget.** To be given as `grok1-run --gpu-budget BYTES`, a flag the runner does not have
-//! yet (sizes as `crate::size::parse_size` reads them: `20G`, `24GB`, `0` to keep the GPU out). The default is the device's free memory minus a margin
+//! **Budget.** `grok1-run generate|logits|bench --gpu-budget BYTES` (sizes as
+//! `crate::size::parse_size` reads them: `20G`, `24GB`, `0` to keep the GPU out). The default is the device's free memory minus a margin
 //! (`plan::default_budget`: the larger of 1 GiB and 5% of the card, for the CUDA context, the
 //! kernels' module and fragmentation). The runner prints
 //! `no GPU found (REASON); running on the CPU` when [`available`] fails.
@@ -73,7 +73,12 @@
 //!
 //! What exists today: planning (`plan`), stats (`stats`), device buffers and device-time marks,
 //! the kernels and their host-side wrappers, and uploading dense tensors and expert chunks. The
-//! per-layer loop above lives in the model and residency code.
+//! per-layer loop above is `model/grok.rs` over the `model::backend::Backend` seam, and
+//! `crate::placement` picks the backend: the CPU, or `placement::EmulatedDevice` (the schedule
+//! above on the CPU with its own buffers and counted copies, `--emulate-gpu BYTES`). The CUDA
+//! implementation of the seam is not written yet: with a GPU present the runner says so and
+//! runs on the CPU. The overlap of GPU and CPU experts is part of that implementation (the
+//! emulated device runs them one after the other).
 //!
 //! # Checking without a GPU
 //!
