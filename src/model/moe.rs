@@ -81,7 +81,7 @@ pub fn moe<B: Backend>(
 ) -> Result<()> {
     let router = &w.layers[layer].router;
     let d = router.len() / n_experts;
-    let xh = b.download(xn, t_n * d, &mut s.xn_host);
+    let xh = b.download(xn, t_n * d, &mut s.xn_host)?;
     let probs = grow(&mut s.probs, n_experts);
     if s.chosen.len() < t_n * k {
         s.chosen.resize(t_n * k, (0, 0.0));
@@ -108,7 +108,7 @@ pub fn moe<B: Backend>(
         experts.guess_next_layer(layer + 1, &s.guess);
     }
 
-    b.zero(out, t_n * d);
+    b.zero(out, t_n * d)?;
     let chosen = &s.chosen[..t_n * k];
     let mut on_device = 0;
     let mut host_work = false;
@@ -116,7 +116,7 @@ pub fn moe<B: Backend>(
         if b.holds_expert(layer, e) {
             members_of(e, chosen, k, &mut s.members);
             on_device += s.members.len() as u64;
-            b.expert(layer, e, xn, t_n, &s.members, out, &mut s.expert);
+            b.expert(layer, e, xn, t_n, &s.members, out, &mut s.expert)?;
         } else {
             host_work = true;
         }
