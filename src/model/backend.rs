@@ -52,7 +52,9 @@ pub trait Backend: Sync {
     /// `buf[..n] = 0`.
     fn zero(&self, buf: &mut Self::Buf, n: usize) -> Result<()>;
 
-    /// Rotary phases for positions `p0..p0 + t_n`, `[t_n, head_dim / 2]` each.
+    /// Rotary phases for positions `p0..p0 + t_n`, `[t_n, head_dim / 2]` each, once per call for
+    /// every layer's [`Backend::rope`] (a device that computes them inside its RoPE kernel may
+    /// leave them empty).
     fn rope_phases(&self, p0: usize, t_n: usize, head_dim: usize, theta: f64, cos: &mut Self::Buf, sin: &mut Self::Buf) -> Result<()>;
 
     /// `out[..n_rows]` = rows `first_row..first_row + n_rows` of `x`, each RMS-normed by `scale`.
@@ -64,10 +66,25 @@ pub trait Backend: Sync {
     /// `y[..n_rows] = m x[..n_rows]` for the dense matrix `m`.
     fn project(&self, m: Tensor, x: &Self::Buf, n_rows: usize, y: &mut Self::Buf) -> Result<()>;
 
-    /// Rotate each head of `n_rows` rows of `width` values by the phases of their positions.
-    fn rope(&self, x: &mut Self::Buf, n_rows: usize, width: usize, head_dim: usize, cos: &Self::Buf, sin: &Self::Buf) -> Result<()>;
+    /// Rotate each head of `n_rows` rows of `width` values, row `t` at position `p0 + t`, by the
+    /// phases `rope_phases` computed for them.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        n_rows: usize,
+        width: usize,
+        head_dim: usize,
+        p0: usize,
+        theta: f64,
+        cos: &Self::Buf,
+        sin: &Self::Buf,
+    ) -> Result<()>;
 
     /// Write `k`, `v` of `t_n` tokens at `p0` into `cache` for `layer`, then attend `q` over it.
+    /// The cache is the sequence's `KvCache`: the CPU's keys and values live in it; a device
+    /// keeps its own for that sequence (the emulated device uses the host's, which no step
+    /// copies over the bus).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -184,7 +201,17 @@ impl Backend for Cpu<'_> {
         Ok(())
     }
 
-    fn rope(&self, x: &mut Vec<f32>, n: usize, width: usize, hd: usize, cos: &Vec<f32>, sin: &Vec<f32>) -> Result<()> {
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        n: usize,
+        width: usize,
+        hd: usize,
+        _p0: usize,
+        _theta: f64,
+        cos: &Vec<f32>,
+        sin: &Vec<f32>,
+    ) -> Result<()> {
         for t in 0..n {
             let (cs, sn) = (&cos[t * hd / 2..][..hd / 2], &sin[t * hd / 2..][..hd / 2]);
             rope_in_place(&mut x[t * width..][..width], hd, cs, sn);

@@ -216,8 +216,8 @@ impl Model {
             b.project(Tensor::AttnQ(l), &s.xn, t_n, &mut s.q)?;
             b.project(Tensor::AttnK(l), &s.xn, t_n, &mut s.k)?;
             b.project(Tensor::AttnV(l), &s.xn, t_n, &mut s.v)?;
-            b.rope(&mut s.q, t_n, qd, hd, &s.cos, &s.sin)?;
-            b.rope(&mut s.k, t_n, kvd, hd, &s.cos, &s.sin)?;
+            b.rope(&mut s.q, t_n, qd, hd, p0, c.rope_theta, &s.cos, &s.sin)?;
+            b.rope(&mut s.k, t_n, kvd, hd, p0, c.rope_theta, &s.cos, &s.sin)?;
             b.attention(l, p0, t_n, &s.q, &s.k, &s.v, cache, &mut s.attn_out, &mut s.attn)?;
             b.project(Tensor::AttnO(l), &s.attn_out, t_n, &mut s.block_out)?;
             b.add_rms_norm_rows(&mut s.h, &s.block_out, t_n, Tensor::AttnOutNorm(l), eps, &mut s.row)?;

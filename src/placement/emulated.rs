@@ -187,8 +187,18 @@ impl Backend for EmulatedDevice {
         self.step(|| self.kernels().project(m, &x.0, n, &mut y.0))
     }
 
-    fn rope(&self, x: &mut EmuBuf, n: usize, width: usize, hd: usize, cos: &EmuBuf, sin: &EmuBuf) -> Result<()> {
-        self.step(|| self.kernels().rope(&mut x.0, n, width, hd, &cos.0, &sin.0))
+    fn rope(
+        &self,
+        x: &mut EmuBuf,
+        n: usize,
+        width: usize,
+        hd: usize,
+        p0: usize,
+        theta: f64,
+        cos: &EmuBuf,
+        sin: &EmuBuf,
+    ) -> Result<()> {
+        self.step(|| self.kernels().rope(&mut x.0, n, width, hd, p0, theta, &cos.0, &sin.0))
     }
 
     fn attention(
