@@ -14,7 +14,7 @@
 
 use super::attention::{attend, AttnParams, AttnScratch};
 use super::kv_cache::KvCache;
-use super::moe::{expert_rows, ExpertScratch};
+use super::geglu::{expert_rows, ExpertScratch};
 use super::ops::{add_rms_norm_rows, project, rms_norm_rows, rope_in_place, rope_phases};
 use super::weights::Weights;
 use crate::checkpoint::Tensor;

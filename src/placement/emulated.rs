@@ -17,7 +17,7 @@ use crate::gpu::plan::GpuPlan;
 use crate::gpu::stats::GpuStats;
 use crate::model::attention::{AttnParams, AttnScratch};
 use crate::model::backend::{Backend, Cpu};
-use crate::model::moe::{expert_rows, ExpertScratch};
+use crate::model::geglu::{expert_rows, ExpertScratch};
 use crate::model::{KvCache, Weights};
 use std::sync::Mutex;
 use std::time::Instant;
