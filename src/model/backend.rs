@@ -1,6 +1,6 @@
 //! Where the steps of the forward pass run. `grok.rs` is one function over a [`Backend`]: the
 //! CPU ([`Cpu`], the default), or a device that holds the dense weights and some of the experts
-//! in its own memory (implemented beside the model, in `crate::placement`).
+//! in its own memory (implemented beside the model, in the placement module).
 //!
 //! The residual stream and every activation live in the backend's buffers (`Backend::Buf`);
 //! the host sees them only through [`Backend::download`] and changes them only through
