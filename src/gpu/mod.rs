@@ -74,11 +74,11 @@
 //! What exists today: planning (`plan`), stats (`stats`), device buffers and device-time marks,
 //! the kernels and their host-side wrappers, and uploading dense tensors and expert chunks. The
 //! per-layer loop above is `model/grok.rs` over the backend seam (`src/model/backend.rs`), and
-//! the placement module (`src/placement/`) picks the backend: the CPU, or an emulated device
-//! (the schedule above on the CPU with its own buffers and counted copies, `--emulate-gpu`). The CUDA
-//! implementation of the seam is not written yet: with a GPU present the runner says so and
-//! runs on the CPU. The overlap of GPU and CPU experts is part of that implementation (the
-//! emulated device runs them one after the other).
+//! the placement module (`src/placement/`) picks the backend: the CPU, a device emulated by the
+//! CPU (its own buffers and counted copies, `--emulate-gpu`), or the CUDA device built from the
+//! pieces here. Not yet: the overlap (the CUDA device and the CPU run a layer's experts one
+//! after the other), the warm-up or trace ranking (the plan uses `plan::default_ranking`), and
+//! device time per token for the CUDA device (its `GpuStats::gpu_seconds` stays 0).
 //!
 //! # Checking without a GPU
 //!
