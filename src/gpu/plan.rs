@@ -22,36 +22,8 @@ pub fn default_budget(free_bytes: u64, total_bytes: u64) -> u64 {
     free_bytes.saturating_sub((1u64 << 30).max(total_bytes / 20))
 }
 
-/// Parse a byte count: a number with an optional unit. `K`, `M`, `G`, `T` and `KiB` .. `TiB` are
-/// powers of 1024; `KB`, `MB`, `GB`, `TB` powers of 1000; `B` or nothing is bytes. Case is
-/// ignored and fractions are allowed (`1.5G`).
-pub fn parse_bytes(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let bad = || Error::Invalid(format!("`{s}` is not a byte count (examples: 20G, 24GB, 512MiB, 1000000)"));
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    if num.is_empty() {
-        return Err(bad());
-    }
-    let x: f64 = num.parse().map_err(|_| bad())?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kib" => 1024.0,
-        "m" | "mib" => 1024f64.powi(2),
-        "g" | "gib" => 1024f64.powi(3),
-        "t" | "tib" => 1024f64.powi(4),
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        _ => return Err(bad()),
-    };
-    let v = x * mult;
-    if !v.is_finite() || v >= u64::MAX as f64 {
-        return Err(bad());
-    }
-    Ok(v.round() as u64)
-}
+/// Budgets parse as every size of the project does (`20G`, `24GB`, `512MiB`, `0`).
+pub use crate::size::parse_size as parse_bytes;
 
 fn buffer(bytes: u64) -> u64 {
     bytes.div_ceil(ALLOC_ALIGN) * ALLOC_ALIGN

@@ -1,7 +1,7 @@
 //! Causal grouped-query attention over the KV cache, with Grok's soft-capped logits and its
 //! pad-key mask.
 
-use super::ops::{axpy, dot};
+use super::ops::{axpy, dot, grow};
 use crate::config::GrokConfig;
 use rayon::prelude::*;
 
@@ -146,12 +146,4 @@ pub fn attend(
             out[t * qd + h * hd..][..hd].copy_from_slice(&out_hm[(h * t_n + t) * hd..][..hd]);
         }
     }
-}
-
-/// `buf[..n]`, growing `buf` if needed (never shrinking, so steady-state calls allocate nothing).
-pub(crate) fn grow(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    if buf.len() < n {
-        buf.resize(n, 0.0);
-    }
-    &mut buf[..n]
 }

@@ -1,16 +1,18 @@
 //! The Grok-1 forward pass, top to bottom in the order the data flows. All math is f32; weights
 //! are whatever `Matrix` holds. The same code runs a prompt as a batch (`prefill`: matrix-matrix
 //! products, tokens grouped by expert) and one token at a time (`decode`: matrix-vector products,
-//! no allocation once the buffers have grown).
+//! no allocation once the buffers have grown), on the CPU or on a device (`backend`): each step
+//! names its weights, and the backend computes it where it holds them.
 
-use super::attention::{attend, grow, AttnParams, AttnScratch};
+use super::attention::{AttnParams, AttnScratch};
+use super::backend::{Backend, Cpu};
 use super::kv_cache::KvCache;
-use super::moe::{moe, project, Experts, MoeScratch};
-use super::ops::{add_rms_norm_rows, rms_norm_rows, rope_in_place, rope_phases};
+use super::moe::{moe, MoeScratch};
 use super::weights::Weights;
+use crate::checkpoint::Tensor;
 use crate::config::GrokConfig;
 use crate::error::{Error, Result};
-use crate::residency::ExpertStore;
+use crate::residency::{ExpertSource, ExpertStore};
 use std::sync::Mutex;
 
 pub struct Model {
@@ -21,8 +23,8 @@ pub struct Model {
     /// Bytes of one expert's three matrices.
     expert_bytes: usize,
     attn: AttnParams,
-    /// Buffers of the decode loop, kept between tokens.
-    decode_scratch: Mutex<Scratch>,
+    /// Buffers of the decode loop on the CPU, kept between tokens.
+    decode_scratch: Mutex<Scratch<Vec<f32>>>,
 }
 
 // One model serves any number of caches, from any thread.
@@ -31,20 +33,23 @@ const _: fn() = || {
     shared::<Model>();
 };
 
-/// Activations of one forward call, `[T, width]` each.
+/// Activations of one forward call, `[T, width]` each, in a backend's buffers `B`; kept
+/// between calls so that decoding allocates nothing.
 #[derive(Default)]
-struct Scratch {
-    h: Vec<f32>,
-    xn: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    attn_out: Vec<f32>,
+pub struct Scratch<B> {
+    h: B,
+    xn: B,
+    q: B,
+    k: B,
+    v: B,
+    attn_out: B,
     /// A sub-block's output before its norm: attention after `o`, then the MoE.
-    block_out: Vec<f32>,
-    row: Vec<f32>,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    block_out: B,
+    row: B,
+    cos: B,
+    sin: B,
+    /// Host side of the embedding rows on their way in.
+    staging: Vec<f32>,
     attn: AttnScratch,
     moe: MoeScratch,
 }
@@ -88,6 +93,14 @@ impl Model {
         self.store.as_ref()
     }
 
+    /// Where the MoE takes its experts from: the store when they are streamed, else the weights.
+    fn experts(&self) -> &dyn ExpertSource {
+        match &self.store {
+            Some(store) => store,
+            None => &self.weights,
+        }
+    }
+
     pub fn config(&self) -> &GrokConfig {
         &self.config
     }
@@ -102,8 +115,34 @@ impl Model {
         let rows = if all_logits { tokens.len() } else { 1 };
         let mut logits = vec![0f32; rows * self.config.vocab_size];
         let emit = if all_logits { Emit::AllRows } else { Emit::LastRow };
-        self.forward(tokens, cache, &mut Scratch::default(), emit, &mut logits)?;
+        self.forward(&self.cpu(), tokens, cache, &mut Scratch::default(), emit, &mut logits)?;
         Ok(logits)
+    }
+
+    /// `prefill` on backend `b`.
+    pub fn prefill_on<B: Backend>(&self, b: &B, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Vec<f32>> {
+        let rows = if all_logits { tokens.len() } else { 1 };
+        let mut logits = vec![0f32; rows * self.config.vocab_size];
+        let emit = if all_logits { Emit::AllRows } else { Emit::LastRow };
+        self.forward(b, tokens, cache, &mut Scratch::default(), emit, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// `decode_into` on backend `b`, with the caller's buffers for it.
+    pub fn decode_into_on<B: Backend>(
+        &self,
+        b: &B,
+        token: u32,
+        cache: &mut KvCache,
+        logits: &mut [f32],
+        s: &mut Scratch<B::Buf>,
+    ) -> Result<()> {
+        self.forward(b, &[token], cache, s, Emit::LastRow, logits)
+    }
+
+    /// The CPU backend over this model's weights.
+    fn cpu(&self) -> Cpu<'_> {
+        Cpu::new(&self.weights, &self.attn)
     }
 
     /// One token at the next position of `cache`; returns its logits.
@@ -116,7 +155,7 @@ impl Model {
     /// `decode` into a caller's buffer of `vocab` logits: nothing is allocated per token.
     pub fn decode_into(&self, token: u32, cache: &mut KvCache, logits: &mut [f32]) -> Result<()> {
         let mut s = self.decode_scratch.lock().unwrap_or_else(|e| e.into_inner());
-        self.forward(&[token], cache, &mut s, Emit::LastRow, logits)
+        self.forward(&self.cpu(), &[token], cache, &mut s, Emit::LastRow, logits)
     }
 
     /// Bytes of weights one decoded token reads: the embedding row, every layer's attention,
@@ -131,11 +170,12 @@ impl Model {
         total
     }
 
-    fn forward(
+    fn forward<B: Backend>(
         &self,
+        b: &B,
         tokens: &[u32],
         cache: &mut KvCache,
-        s: &mut Scratch,
+        s: &mut Scratch<B::Buf>,
         emit: Emit,
         logits: &mut [f32],
     ) -> Result<()> {
@@ -150,70 +190,54 @@ impl Model {
         cache.append_tokens(tokens);
 
         // Rotary phases depend only on the absolute position: once per call, for every layer.
-        let (cos, sin) = (grow(&mut s.cos, t_n * hd / 2), grow(&mut s.sin, t_n * hd / 2));
-        for t in 0..t_n {
-            let (cs, sn) = (&mut cos[t * hd / 2..][..hd / 2], &mut sin[t * hd / 2..][..hd / 2]);
-            rope_phases(p0 + t, hd, c.rope_theta, cs, sn);
-        }
+        b.rope_phases(p0, t_n, hd, c.rope_theta, &mut s.cos, &mut s.sin)?;
 
-        // Embedding, scaled.
-        let h = grow(&mut s.h, t_n * d);
-        for (t, &tok) in tokens.iter().enumerate() {
-            let row = &mut h[t * d..][..d];
-            w.embedding.row_f32(tok as usize, row);
-            for x in row.iter_mut() {
-                *x *= c.embedding_multiplier as f32;
+        // Embedding, scaled: looked up on the host, one row per token.
+        b.upload(&mut s.h, t_n * d, &mut s.staging, |h| {
+            for (t, &tok) in tokens.iter().enumerate() {
+                let row = &mut h[t * d..][..d];
+                w.embedding.row_f32(tok as usize, row);
+                for x in row.iter_mut() {
+                    *x *= c.embedding_multiplier as f32;
+                }
             }
+        })?;
+
+        for (buf, n) in [(&mut s.xn, t_n * d), (&mut s.q, t_n * qd), (&mut s.k, t_n * kvd), (&mut s.v, t_n * kvd)] {
+            b.reserve(buf, n)?;
+        }
+        for (buf, n) in [(&mut s.attn_out, t_n * qd), (&mut s.block_out, t_n * d), (&mut s.row, d)] {
+            b.reserve(buf, n)?;
         }
 
-        let xn = grow(&mut s.xn, t_n * d);
-        let q = grow(&mut s.q, t_n * qd);
-        let k = grow(&mut s.k, t_n * kvd);
-        let v = grow(&mut s.v, t_n * kvd);
-        let attn_out = grow(&mut s.attn_out, t_n * qd);
-        let block_out = grow(&mut s.block_out, t_n * d);
-        let row = grow(&mut s.row, d);
-
-        for (l, lw) in w.layers.iter().enumerate() {
+        for l in 0..c.n_layers {
             // Attention: h += norm1(attn(norm0(h)))
-            rms_norm_rows(h, &lw.attn_norm, eps, xn);
-            project(&lw.q, xn, t_n, q);
-            project(&lw.k, xn, t_n, k);
-            project(&lw.v, xn, t_n, v);
-            for t in 0..t_n {
-                let (cs, sn) = (&cos[t * hd / 2..][..hd / 2], &sin[t * hd / 2..][..hd / 2]);
-                rope_in_place(&mut q[t * qd..][..qd], hd, cs, sn);
-                rope_in_place(&mut k[t * kvd..][..kvd], hd, cs, sn);
-            }
-            cache.write(l, p0, k, v);
-            let (kc, vc) = cache.layer(l);
-            attend(&self.attn, q, p0, kc, vc, cache.capacity(), cache.key_valid(), attn_out, &mut s.attn);
-            project(&lw.o, attn_out, t_n, block_out);
-            add_rms_norm_rows(h, block_out, &lw.attn_out_norm, eps, row);
+            b.rms_norm_rows(&s.h, 0, t_n, Tensor::AttnNorm(l), eps, &mut s.xn)?;
+            b.project(Tensor::AttnQ(l), &s.xn, t_n, &mut s.q)?;
+            b.project(Tensor::AttnK(l), &s.xn, t_n, &mut s.k)?;
+            b.project(Tensor::AttnV(l), &s.xn, t_n, &mut s.v)?;
+            b.rope(&mut s.q, t_n, qd, hd, p0, c.rope_theta, &s.cos, &s.sin)?;
+            b.rope(&mut s.k, t_n, kvd, hd, p0, c.rope_theta, &s.cos, &s.sin)?;
+            b.attention(l, p0, t_n, &s.q, &s.k, &s.v, cache, &mut s.attn_out, &mut s.attn)?;
+            b.project(Tensor::AttnO(l), &s.attn_out, t_n, &mut s.block_out)?;
+            b.add_rms_norm_rows(&mut s.h, &s.block_out, t_n, Tensor::AttnOutNorm(l), eps, &mut s.row)?;
 
             // Mixture of experts: h += norm3(moe(norm2(h)))
-            rms_norm_rows(h, &lw.ffn_norm, eps, xn);
-            let experts = match &self.store {
-                None => Experts::Resident(w),
-                Some(store) => {
-                    Experts::Store { store, next_router: w.layers.get(l + 1).map(|n| n.router.as_slice()) }
-                }
-            };
-            moe(experts, &lw.router, l, c.n_experts, c.n_experts_per_token, xn, block_out, &mut s.moe)?;
-            add_rms_norm_rows(h, block_out, &lw.ffn_out_norm, eps, row);
+            b.rms_norm_rows(&s.h, 0, t_n, Tensor::FfnNorm(l), eps, &mut s.xn)?;
+            let k = c.n_experts_per_token;
+            moe(b, self.experts(), w, l, c.n_experts, k, &s.xn, t_n, &mut s.block_out, &mut s.moe)?;
+            b.add_rms_norm_rows(&mut s.h, &s.block_out, t_n, Tensor::FfnOutNorm(l), eps, &mut s.row)?;
         }
 
         // Final norm, then the tied output head.
         let first = if emit == Emit::AllRows { 0 } else { t_n - 1 };
         let n_out = t_n - first;
-        rms_norm_rows(&h[first * d..], &w.output_norm, eps, &mut xn[..n_out * d]);
-        project(&w.embedding, &xn[..n_out * d], n_out, logits);
+        b.rms_norm_rows(&s.h, first, n_out, Tensor::OutputNorm, eps, &mut s.xn)?;
+        b.logits(&s.xn, n_out, logits, &mut s.staging)?;
         for x in logits.iter_mut() {
             *x *= c.output_multiplier as f32;
         }
-        if let Some(store) = &self.store {
-            store.advance(t_n as u64);
-        }
+        self.experts().tokens_done(t_n as u64);
         Ok(())
     }
 

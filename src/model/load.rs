@@ -1,9 +1,9 @@
 //! Filling `Weights` from a converted model directory, and finding its tokenizer.
 
-use super::weights::{ExpertWeights, LayerWeights, Weights};
-use crate::checkpoint::{Proj, Tensor};
+use super::weights::{LayerWeights, Weights};
+use crate::checkpoint::Tensor;
 use crate::error::{Error, IoContext, Result};
-use crate::format::manifest::ExpertChunk;
+use crate::expert::Expert;
 use crate::format::ConvertedModel;
 use crate::kernels::Matrix;
 use crate::quant::QuantType;
@@ -30,12 +30,6 @@ fn dense_f32(m: &ConvertedModel, t: Tensor) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// Build one expert's matrices from its raw chunk bytes.
-pub fn expert_from_chunk(chunk: &ExpertChunk, raw: &[u8]) -> Result<ExpertWeights> {
-    let part = |proj| crate::residency::chunk_matrix(chunk, raw, proj);
-    Ok(ExpertWeights { gate: part(Proj::Gate)?, up: part(Proj::Up)?, down: part(Proj::Down)? })
-}
-
 /// Load every weight into memory. `progress` receives stored bytes as they are loaded.
 pub fn load_weights(m: &ConvertedModel, progress: &mut dyn FnMut(u64)) -> Result<Weights> {
     load(m, true, progress)
@@ -60,7 +54,7 @@ fn load(m: &ConvertedModel, with_experts: bool, progress: &mut dyn FnMut(u64)) -
         for e in (0..c.n_experts).filter(|_| with_experts) {
             m.read_expert(l, e, &mut raw)?;
             let chunk = m.expert_chunk(l, e);
-            experts.push(expert_from_chunk(chunk, &raw)?);
+            experts.push(Expert::from_chunk(chunk, &raw)?);
             progress(chunk.bytes);
         }
         let lw = LayerWeights {

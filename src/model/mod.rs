@@ -2,6 +2,8 @@
 //! the pieces it is made of.
 
 pub mod attention;
+pub mod backend;
+pub mod geglu;
 mod grok;
 pub mod kv_cache;
 pub mod load;
@@ -9,6 +11,6 @@ pub mod moe;
 pub mod ops;
 pub mod weights;
 
-pub use grok::Model;
+pub use grok::{Model, Scratch};
 pub use kv_cache::KvCache;
-pub use weights::{ExpertWeights, LayerWeights, Weights};
+pub use weights::{LayerWeights, Weights};

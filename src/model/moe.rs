@@ -2,14 +2,15 @@
 //! its GeGLU, and the outputs are summed weighted by the router's raw softmax probabilities.
 //!
 //! Tokens are grouped by expert, so that a batch of `T` tokens reads each expert's weights once
-//! (one matrix-matrix product per projection) instead of once per token.
+//! (one matrix-matrix product per projection) instead of once per token. Where the experts come
+//! from (the resident weights, or a store that streams them) is the `ExpertSource`'s business.
 
-use super::attention::grow;
-use super::ops::{axpy, dot, gelu_tanh, softmax};
+use super::backend::Backend;
+use super::geglu::{expert_rows, ExpertScratch};
+use super::ops::{dot, grow, softmax};
 use super::weights::Weights;
 use crate::error::Result;
-use crate::kernels::Matrix;
-use crate::residency::ExpertStore;
+use crate::residency::ExpertSource;
 
 /// Buffers reused between calls.
 #[derive(Default)]
@@ -22,10 +23,10 @@ pub struct MoeScratch {
     /// Experts used by the batch, and the guess for the next layer's.
     needed: Vec<usize>,
     guess: Vec<usize>,
-    xs: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    ys: Vec<f32>,
+    /// The router's input on the host, and the host experts' sum on its way to a device.
+    xn_host: Vec<f32>,
+    host_sum: Vec<f32>,
+    expert: ExpertScratch,
 }
 
 /// Softmax of the router logits over all experts, then the `k` largest probabilities (the lower
@@ -52,126 +53,91 @@ pub fn route(router: &[f32], x: &[f32], k: usize, probs: &mut [f32], chosen: &mu
     }
 }
 
-/// `y = W x` for one row, `ys = W xs` for several.
-pub(crate) fn project(m: &Matrix, xs: &[f32], n: usize, ys: &mut [f32]) {
-    if n == 1 {
-        m.matvec(xs, ys)
-    } else {
-        m.matmul(xs, n, ys)
-    }
-}
-
-/// Where a layer's experts come from: the resident weights, or a store that streams them.
-#[derive(Clone, Copy)]
-pub enum Experts<'a> {
-    Resident(&'a Weights),
-    /// Streamed; `next_router` (the next layer's router) lets the store prefetch that layer's
-    /// likely experts while this one computes.
-    Store { store: &'a ExpertStore, next_router: Option<&'a [f32]> },
-}
-
-/// `out[t] = sum over chosen e of gate_e * expert_e(x[t])` for the rows of `xn` (`[T, d]`).
+/// `out[t] = sum over chosen e of gate_e * expert_e(x[t])` for the `t_n` rows of `xn`, routed
+/// by `layer`'s router in `w`. Routing runs on the host in f32 (it flips on tiny differences);
+/// the experts the backend holds run there, the others come from `experts` and run on the host.
 #[allow(clippy::too_many_arguments)]
-pub fn moe(
-    experts: Experts,
-    router: &[f32],
+pub fn moe<B: Backend>(
+    b: &B,
+    experts: &dyn ExpertSource,
+    w: &Weights,
     layer: usize,
     n_experts: usize,
     k: usize,
-    xn: &[f32],
-    out: &mut [f32],
+    xn: &B::Buf,
+    t_n: usize,
+    out: &mut B::Buf,
     s: &mut MoeScratch,
 ) -> Result<()> {
+    let router = &w.layers[layer].router;
     let d = router.len() / n_experts;
-    let t_n = xn.len() / d;
+    let xh = b.download(xn, t_n * d, &mut s.xn_host)?;
     let probs = grow(&mut s.probs, n_experts);
     if s.chosen.len() < t_n * k {
         s.chosen.resize(t_n * k, (0, 0.0));
     }
     for t in 0..t_n {
-        route(router, &xn[t * d..][..d], k, probs, &mut s.chosen[t * k..][..k]);
+        route(router, &xh[t * d..][..d], k, probs, &mut s.chosen[t * k..][..k]);
     }
     s.needed.clear();
     s.needed.extend((0..n_experts).filter(|&e| s.chosen[..t_n * k].iter().any(|c| c.0 == e)));
 
-    out.fill(0.0);
-    match experts {
-        Experts::Resident(w) => {
-            for i in 0..s.needed.len() {
-                let e = s.needed[i];
-                let x = w.expert(layer, e);
-                expert_contribution(e, (&x.gate, &x.up, &x.down), xn, k, out, s);
+    if let Some(next) = w.layers.get(layer + 1).filter(|_| experts.takes_guesses()) {
+        // Guess the next layer's experts by applying its router to this layer's input: the
+        // residual stream changes little from one layer to the next.
+        let mut guess = vec![(0usize, 0f32); k];
+        s.guess.clear();
+        for t in 0..t_n {
+            route(&next.router, &xh[t * d..][..d], k, probs, &mut guess);
+            for &(e, _) in &guess {
+                if !s.guess.contains(&e) {
+                    s.guess.push(e);
+                }
             }
         }
-        Experts::Store { store, next_router } => {
-            if let Some(next) = next_router {
-                // Guess the next layer's experts by applying its router to this layer's input:
-                // the residual stream changes little from one layer to the next.
-                let mut guess = vec![(0usize, 0f32); k];
-                s.guess.clear();
-                for t in 0..t_n {
-                    route(next, &xn[t * d..][..d], k, probs, &mut guess);
-                    for &(e, _) in &guess {
-                        if !s.guess.contains(&e) {
-                            s.guess.push(e);
-                        }
-                    }
-                }
-                store.hint_next_layer(layer + 1, &s.guess);
-            }
-            let needed = std::mem::take(&mut s.needed);
-            for item in store.fetch(layer, &needed) {
-                let (e, x) = item?;
-                expert_contribution(e, (&x.gate, &x.up, &x.down), xn, k, out, s);
-            }
-            s.needed = needed;
+        experts.guess_next_layer(layer + 1, &s.guess);
+    }
+
+    b.zero(out, t_n * d)?;
+    let chosen = &s.chosen[..t_n * k];
+    let mut on_device = 0;
+    let mut host_work = false;
+    for &e in &s.needed {
+        if b.holds_expert(layer, e) {
+            members_of(e, chosen, k, &mut s.members);
+            on_device += s.members.len() as u64;
+            b.expert(layer, e, xn, t_n, &s.members, out, &mut s.expert)?;
+        } else {
+            host_work = true;
         }
     }
-    Ok(())
+    b.routed((t_n * k) as u64, on_device);
+
+    // The source is asked even when the backend holds every needed expert: a store counts
+    // those as device hits and ranks them.
+    let (needed, members, scratch) = (&s.needed, &mut s.members, &mut s.expert);
+    let mut host_experts = |acc: &mut [f32]| {
+        experts.for_each_expert(layer, needed, &mut |e, x| {
+            if !b.holds_expert(layer, e) {
+                members_of(e, chosen, k, members);
+                expert_rows(x, xh, members, acc, scratch);
+            }
+            Ok(())
+        })
+    };
+    if host_work {
+        b.add_from_host(out, t_n * d, &mut s.host_sum, host_experts)
+    } else {
+        host_experts(&mut [])
+    }
 }
 
-/// Add expert `e`'s output, weighted by its gate, to the rows of `out` routed to it.
-fn expert_contribution(
-    e: usize,
-    (w_gate, w_up, w_down): (&Matrix, &Matrix, &Matrix),
-    xn: &[f32],
-    k: usize,
-    out: &mut [f32],
-    s: &mut MoeScratch,
-) {
-    let d = w_gate.cols;
-    let t_n = xn.len() / d;
-    s.members.clear();
-    for t in 0..t_n {
-        if let Some(&(_, g)) = s.chosen[t * k..][..k].iter().find(|c| c.0 == e) {
-            s.members.push((t, g));
+/// The rows routed to expert `e`, with their gates.
+fn members_of(e: usize, chosen: &[(usize, f32)], k: usize, members: &mut Vec<(usize, f32)>) {
+    members.clear();
+    for (t, c) in chosen.chunks_exact(k).enumerate() {
+        if let Some(&(_, g)) = c.iter().find(|c| c.0 == e) {
+            members.push((t, g));
         }
-    }
-    let n = s.members.len();
-    if n == 0 {
-        return;
-    }
-    let f = w_gate.rows;
-    let gate = grow(&mut s.gate, n * f);
-    let up = grow(&mut s.up, n * f);
-    if n == 1 {
-        let t = s.members[0].0;
-        // One pass over the pool for both projections, the input quantized once.
-        Matrix::matvec_pair(w_gate, w_up, &xn[t * d..][..d], gate, up);
-    } else {
-        let xs = grow(&mut s.xs, n * d);
-        for (i, &(t, _)) in s.members.iter().enumerate() {
-            xs[i * d..][..d].copy_from_slice(&xn[t * d..][..d]);
-        }
-        project(w_gate, xs, n, gate);
-        project(w_up, xs, n, up);
-    }
-    for (g, u) in gate.iter_mut().zip(up.iter()) {
-        *g = gelu_tanh(*g) * u;
-    }
-    let ys = grow(&mut s.ys, n * d);
-    project(w_down, gate, n, ys);
-    for (i, &(t, g)) in s.members.iter().enumerate() {
-        axpy(g, &ys[i * d..][..d], &mut out[t * d..][..d]);
     }
 }

@@ -1,4 +1,7 @@
-//! The element-wise pieces of the forward pass, all in f32.
+//! The element-wise pieces of the forward pass, all in f32, and the two helpers every step of
+//! it uses: growing a scratch buffer and projecting rows through a matrix.
+
+use crate::kernels::Matrix;
 
 /// `out = scale * x / sqrt(mean(x^2) + eps)` (Grok's RMSNorm multiplies by `scale`, not
 /// `1 + scale`). The mean is accumulated in f64 so that long rows lose nothing to summation order.
@@ -104,6 +107,23 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
+    }
+}
+
+/// `buf[..n]`, growing `buf` if needed (never shrinking, so steady-state calls allocate nothing).
+pub(crate) fn grow(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
+}
+
+/// `y = W x` for one row, `ys = W xs` for several.
+pub(crate) fn project(m: &Matrix, xs: &[f32], n: usize, ys: &mut [f32]) {
+    if n == 1 {
+        m.matvec(xs, ys)
+    } else {
+        m.matmul(xs, n, ys)
     }
 }
 

@@ -2,31 +2,18 @@
 //! orientation; norm scales and the router stay f32 (routing flips on tiny differences).
 //!
 //! The struct is plain on purpose: a loader only has to fill it from `(qtype, rows, cols, bytes)`
-//! per tensor. The forward pass reaches experts only through `Weights::expert`, the seam where
-//! experts streamed from disk will come in.
+//! per tensor. The experts may be here (every one resident) or not at all: the MoE takes them
+//! from a `residency::ExpertSource`, which `Weights` is for its own experts and the residency
+//! store is for streamed ones.
 
 use crate::checkpoint::{Proj, Tensor, TensorSource};
 use crate::config::GrokConfig;
 use crate::error::{Error, Result};
+use crate::expert::Expert;
 use crate::kernels::Matrix;
 use crate::quant::QuantType;
+use crate::residency::ExpertSource;
 use rayon::prelude::*;
-
-/// One expert's GeGLU: `down( gelu(gate x) * (up x) )`.
-pub struct ExpertWeights {
-    /// `linear` in the release, `[ffn, d_model]`; gets the GELU.
-    pub gate: Matrix,
-    /// `linear_v`, `[ffn, d_model]`.
-    pub up: Matrix,
-    /// `linear_1`, `[d_model, ffn]`.
-    pub down: Matrix,
-}
-
-impl ExpertWeights {
-    pub fn nbytes(&self) -> usize {
-        self.gate.nbytes() + self.up.nbytes() + self.down.nbytes()
-    }
-}
 
 pub struct LayerWeights {
     /// Pre-attention norm (`rms_norm`).
@@ -46,7 +33,8 @@ pub struct LayerWeights {
     pub router: Vec<f32>,
     /// Post-MoE norm (`rms_norm_3`).
     pub ffn_out_norm: Vec<f32>,
-    pub experts: Vec<ExpertWeights>,
+    /// Every expert of the layer, or none when a store streams them.
+    pub experts: Vec<Expert>,
 }
 
 impl LayerWeights {
@@ -66,9 +54,40 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// The expert `e` of `layer`. The forward pass takes experts from here and nowhere else.
-    pub fn expert(&self, layer: usize, e: usize) -> &ExpertWeights {
+    /// The expert `e` of `layer` (panics when the experts are not held here).
+    pub fn expert(&self, layer: usize, e: usize) -> &Expert {
         &self.layers[layer].experts[e]
+    }
+
+    /// A dense matrix by name: the embedding (also the output head) or a layer's attention.
+    ///
+    /// # Panics
+    /// On a tensor that is not a dense matrix.
+    pub fn matrix(&self, t: Tensor) -> &Matrix {
+        match t {
+            Tensor::Embedding => &self.embedding,
+            Tensor::AttnQ(l) => &self.layers[l].q,
+            Tensor::AttnK(l) => &self.layers[l].k,
+            Tensor::AttnV(l) => &self.layers[l].v,
+            Tensor::AttnO(l) => &self.layers[l].o,
+            other => panic!("{other} is not a dense matrix"),
+        }
+    }
+
+    /// A norm scale or router by name.
+    ///
+    /// # Panics
+    /// On a tensor that is a matrix.
+    pub fn vector(&self, t: Tensor) -> &[f32] {
+        match t {
+            Tensor::OutputNorm => &self.output_norm,
+            Tensor::AttnNorm(l) => &self.layers[l].attn_norm,
+            Tensor::AttnOutNorm(l) => &self.layers[l].attn_out_norm,
+            Tensor::FfnNorm(l) => &self.layers[l].ffn_norm,
+            Tensor::Router(l) => &self.layers[l].router,
+            Tensor::FfnOutNorm(l) => &self.layers[l].ffn_out_norm,
+            other => panic!("{other} is not an f32 vector"),
+        }
     }
 
     /// Read every tensor of `src`, quantizing the dense matrices (attention and the embedding)
@@ -82,7 +101,7 @@ impl Weights {
             let experts = (0..c.n_experts)
                 .map(|expert| {
                     let p = |proj| matrix(Tensor::Expert { layer: l, expert, proj });
-                    Ok(ExpertWeights { gate: p(Proj::Gate)?, up: p(Proj::Up)?, down: p(Proj::Down)? })
+                    Ok(Expert { gate: p(Proj::Gate)?, up: p(Proj::Up)?, down: p(Proj::Down)? })
                 })
                 .collect::<Result<Vec<_>>>()?;
             layers.push(LayerWeights {
@@ -162,6 +181,21 @@ impl Weights {
                 mat(t(Proj::Up), &e.up)?;
                 mat(t(Proj::Down), &e.down)?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// The experts held here, every one resident.
+impl ExpertSource for Weights {
+    fn for_each_expert(
+        &self,
+        layer: usize,
+        needed: &[usize],
+        f: &mut dyn FnMut(usize, &Expert) -> Result<()>,
+    ) -> Result<()> {
+        for &e in needed {
+            f(e, self.expert(layer, e))?;
         }
         Ok(())
     }

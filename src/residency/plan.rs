@@ -346,50 +346,9 @@ impl Plan {
     }
 }
 
-/// Parse a size: plain bytes, decimal units (`KB`, `MB`, `GB`, `TB`: powers of 1000) or binary
-/// ones (`KiB`, `MiB`, `GiB`, `TiB`, or the bare letters `K`, `M`, `G`, `T`: powers of 1024).
-/// Case-insensitive; fractions allowed (`1.5GB`).
-pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let split = t.find(|ch: char| !(ch.is_ascii_digit() || ch == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let bad = || Error::Invalid(format!("`{s}` is not a size (examples: 24GB, 128GiB, 512M, 1000000)"));
-    let x: f64 = num.parse().map_err(|_| bad())?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        "k" | "kib" => 1024.0,
-        "m" | "mib" => 1024f64.powi(2),
-        "g" | "gib" => 1024f64.powi(3),
-        "t" | "tib" => 1024f64.powi(4),
-        _ => return Err(bad()),
-    };
-    let v = x * mult;
-    if !v.is_finite() || v >= u64::MAX as f64 {
-        return Err(bad());
-    }
-    Ok(v.round() as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("24GB").unwrap(), 24_000_000_000);
-        assert_eq!(parse_size("128GiB").unwrap(), 128 << 30);
-        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
-        assert_eq!(parse_size("1.5gb").unwrap(), 1_500_000_000);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size(" 2 KiB ").unwrap(), 2048);
-        for bad in ["", "GB", "12XB", "1..2GB", "-1GB"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn shares_interpolate() {

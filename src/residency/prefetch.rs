@@ -4,11 +4,8 @@
 //! builds the expert's matrices from it and delivers the expert: into the cache if the policy
 //! admits it, and to the waiting fetch (or, for a prefetch, to the next fetch of its layer).
 
-use super::store::{Shared, State};
-use super::{copy_error, Expert, Mode};
-use crate::error::Result;
+use super::io::AlignedBuf;
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +40,7 @@ impl JobQueue {
         }
     }
 
-    fn pop(&mut self) -> Option<usize> {
+    pub(crate) fn pop(&mut self) -> Option<usize> {
         self.urgent.pop_front().or_else(|| self.speculative.pop_front())
     }
 
@@ -72,127 +69,28 @@ impl JobQueue {
     }
 }
 
-/// One I/O thread: take a job, read and build outside the lock, deliver under it.
-pub(crate) fn worker(shared: Arc<Shared>) {
-    let mut buf = super::io::AlignedBuf::new();
+/// What an I/O thread works for (the store): it hands out jobs, reads, and takes the results.
+pub(crate) trait Jobs: Send + Sync {
+    /// The read a job needs.
+    type Output;
+    /// The next job, waiting until there is one, marked as being read; `None` once the store
+    /// shuts down.
+    fn next_job(&self) -> Option<(usize, JobKind)>;
+    /// Read `slot` and build what it holds, outside any lock; also returns the stored bytes read.
+    fn read(&self, slot: usize, buf: &mut AlignedBuf, zbuf: &mut Vec<u8>) -> (Self::Output, u64);
+    /// Hand the finished read over, `busy` seconds after it started.
+    fn deliver(&self, slot: usize, kind: JobKind, stored: u64, busy: f64, read: Self::Output);
+}
+
+/// One I/O thread: take a job, read and build, deliver; until the store shuts down.
+pub(crate) fn worker(jobs: &impl Jobs) {
+    let mut buf = AlignedBuf::new();
     let mut zbuf = Vec::new();
-    loop {
-        let (slot, kind) = {
-            let mut st = shared.state.lock().unwrap();
-            loop {
-                if st.shutdown {
-                    return;
-                }
-                if let Some(s) = st.queue.pop() {
-                    let IoState::Queued(kind) = st.slots[s].io else {
-                        unreachable!("slot {s} in the queue is not queued")
-                    };
-                    st.slots[s].io = IoState::Reading(kind);
-                    break (s, kind);
-                }
-                st = shared.work.wait(st).unwrap();
-            }
-        };
-        let (layer, expert) = (slot / shared.n_experts, slot % shared.n_experts);
-        let chunk = shared.model.expert_chunk(layer, expert);
+    while let Some((slot, kind)) = jobs.next_job() {
         let t0 = Instant::now();
-        let result: Result<Expert> = shared.reader.with_raw(&shared.model, chunk, &mut buf, &mut zbuf, |raw| {
-            Expert::from_chunk(chunk, raw, &shared.live)
-        });
-        let busy = t0.elapsed().as_secs_f64();
-        let mut st = shared.state.lock().unwrap();
-        deliver(&mut st, slot, kind, chunk.bytes, busy, result.map(Arc::new));
-        drop(st);
-        shared.landed.notify_all();
+        let (read, stored) = jobs.read(slot, &mut buf, &mut zbuf);
+        jobs.deliver(slot, kind, stored, t0.elapsed().as_secs_f64(), read);
     }
-}
-
-fn deliver(st: &mut State, slot: usize, kind: JobKind, stored: u64, busy: f64, result: Result<Arc<Expert>>) {
-    st.slots[slot].io = IoState::Idle;
-    let d = &mut st.counters.disk;
-    d.reads += 1;
-    d.busy_seconds += busy;
-    match kind {
-        JobKind::Demand => d.demand_reads += 1,
-        JobKind::Prefetch => d.prefetch_reads += 1,
-        JobKind::Load => d.load_reads += 1,
-    }
-    if kind == JobKind::Load {
-        st.counters.load_bytes += stored;
-    } else {
-        d.bytes += stored;
-    }
-    let expert = match result {
-        Ok(e) => e,
-        Err(e) => {
-            st.counters.disk.errors += 1;
-            st.slots[slot].failed = Some(e);
-            return;
-        }
-    };
-    st.slots[slot].failed = None;
-    st.slots[slot].bytes = expert.nbytes();
-    let admitted = admit(st, slot, &expert, kind == JobKind::Load);
-    let s = &mut st.slots[slot];
-    // A waiting fetch takes its copy from `landed` (also when it was admitted, so that the cache
-    // cannot evict it between this delivery and the fetch waking up).
-    // A prefetch that the next fetch of its layer already judged unneeded (it was reading then)
-    // is not kept outside the cache: nobody would ever collect it.
-    if s.want > 0 || (kind == JobKind::Prefetch && s.prefetched && !admitted) {
-        s.landed = Some(expert);
-    }
-}
-
-/// Put a freshly read expert into the cache if the budget and the policy allow.
-pub(crate) fn admit(st: &mut State, slot: usize, expert: &Arc<Expert>, forced: bool) -> bool {
-    if st.mode == Mode::NoCache {
-        return false;
-    }
-    let (layer, e) = (slot / st.n_experts, slot % st.n_experts);
-    if st.device.as_ref().is_some_and(|d| d.holds(layer, e)) {
-        return false;
-    }
-    let need = expert.nbytes();
-    let free = st.budget.saturating_sub(st.cached_bytes);
-    let candidates: Vec<(usize, u64)> = st
-        .slots
-        .iter()
-        .enumerate()
-        .filter(|(i, s)| *i != slot && !s.pinned)
-        .filter_map(|(i, s)| s.cached.as_ref().filter(|a| Arc::strong_count(a) == 1).map(|a| (i, a.nbytes())))
-        .collect();
-    let newcomer = if forced { f64::INFINITY } else { st.policy.score(slot, st.clock) };
-    let victims = match st.policy.victims(&candidates, free, need, newcomer, st.clock) {
-        Some(v) => v,
-        // A pinned or initially loaded expert goes in even if the experts in use cannot make
-        // room right now; the cache is over budget until they are released and evicted.
-        None if forced => candidates.iter().map(|c| c.0).collect(),
-        None => {
-            st.counters.not_admitted += 1;
-            return false;
-        }
-    };
-    for v in victims {
-        if let Some(a) = st.slots[v].cached.take() {
-            st.cached_bytes -= a.nbytes();
-            st.counters.evictions += 1;
-        }
-    }
-    st.slots[slot].cached = Some(expert.clone());
-    st.cached_bytes += need;
-    st.counters.peak_cached_bytes = st.counters.peak_cached_bytes.max(st.cached_bytes);
-    true
-}
-
-/// Hand a failure to one waiter; the last waiter clears it.
-pub(crate) fn take_failure(st: &mut State, slot: usize) -> Option<crate::error::Error> {
-    let s = &mut st.slots[slot];
-    let e = s.failed.as_ref()?;
-    let out = copy_error(e);
-    if s.want <= 1 {
-        s.failed = None;
-    }
-    Some(out)
 }
 
 #[cfg(test)]

@@ -1,80 +1,93 @@
 //! `ExpertStore`: the cache, its bookkeeping, and the `fetch` iterator the model consumes.
 
-use super::io::ChunkReader;
+use super::io::{AlignedBuf, ChunkReader, ReadPath};
+use super::live::{ExpertRef, LiveBytes, Resident};
 use super::policy::Policy;
-use super::prefetch::{self, IoState, JobKind, JobQueue};
-use super::stats::{DiskStats, Mode, PrefetchStats, StoreStats, TierStats};
+use super::prefetch::{self, IoState, JobKind, JobQueue, Jobs};
+use super::source::ExpertSource;
+use super::state::{Counters, Slot, State};
+use super::stats::{Mode, StoreStats};
 use super::tiers::DeviceResidency;
-use super::{Expert, ExpertRef, LiveBytes, ReadPath, StoreOptions};
 use crate::config::GrokConfig;
 use crate::error::{Error, Result};
+use crate::expert::Expert;
 use crate::format::ConvertedModel;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-/// One (layer, expert).
-pub(crate) struct Slot {
-    pub(crate) cached: Option<Arc<Expert>>,
-    pub(crate) pinned: bool,
-    pub(crate) io: IoState,
-    /// Read but not (only) in the cache: waiting for the fetch that wants it, or a prefetch
-    /// waiting for the next fetch of its layer.
-    pub(crate) landed: Option<Arc<Expert>>,
-    pub(crate) failed: Option<Error>,
-    /// A hint queued a read for it that the next fetch of its layer has not judged yet.
-    pub(crate) prefetched: bool,
-    /// Fetches waiting for its read.
-    pub(crate) want: u32,
-    /// Runtime bytes (from the manifest until it is first read).
-    pub(crate) bytes: u64,
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Bytes of runtime expert matrices the cache may keep. A budget holding every expert
+    /// selects `Mode::AllInRam`.
+    pub ram_budget: u64,
+    /// The benchmark baseline: no cache, no prefetch, every request read when asked for.
+    pub no_cache: bool,
+    pub read_path: ReadPath,
+    /// Threads doing reads (and building the matrices from what they read).
+    pub io_threads: usize,
+    /// Forward steps after which an unused expert's score halves (see `policy`).
+    pub half_life_steps: f64,
+    /// Act on `hint_next_layer` (off: hints are counted but read nothing).
+    pub prefetch: bool,
 }
 
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub(crate) fetches: u64,
-    pub(crate) requests: u64,
-    pub(crate) tokens: u64,
-    pub(crate) gpu: TierStats,
-    pub(crate) ram: TierStats,
-    pub(crate) disk: DiskStats,
-    pub(crate) load_bytes: u64,
-    pub(crate) prefetch: PrefetchStats,
-    pub(crate) stall_seconds: f64,
-    pub(crate) load_seconds: f64,
-    pub(crate) peak_cached_bytes: u64,
-    pub(crate) evictions: u64,
-    pub(crate) not_admitted: u64,
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            ram_budget: 0,
+            no_cache: false,
+            read_path: ReadPath::Direct,
+            io_threads: 2,
+            half_life_steps: 64.0,
+            prefetch: true,
+        }
+    }
 }
 
-pub(crate) struct State {
-    pub(crate) n_experts: usize,
-    pub(crate) mode: Mode,
-    pub(crate) budget: u64,
-    pub(crate) slots: Vec<Slot>,
-    pub(crate) queue: JobQueue,
-    pub(crate) shutdown: bool,
-    pub(crate) policy: Policy,
-    /// Forward steps so far: each fetch advances it by 1 / n_layers.
-    pub(crate) clock: f64,
-    pub(crate) cached_bytes: u64,
-    pub(crate) counters: Counters,
-    pub(crate) device: Option<Arc<dyn DeviceResidency>>,
-    /// Per layer: the experts the last hint for it named, until its next fetch judges them.
-    hints: Vec<Vec<usize>>,
-}
-
-pub(crate) struct Shared {
-    pub(crate) model: Arc<ConvertedModel>,
-    pub(crate) reader: ChunkReader,
-    pub(crate) n_experts: usize,
-    pub(crate) live: Arc<LiveBytes>,
-    pub(crate) state: Mutex<State>,
+struct Shared {
+    model: Arc<ConvertedModel>,
+    reader: ChunkReader,
+    n_experts: usize,
+    live: Arc<LiveBytes>,
+    state: Mutex<State>,
     /// Signalled when a read finishes.
-    pub(crate) landed: Condvar,
+    landed: Condvar,
     /// Signalled when work is queued or the store shuts down.
-    pub(crate) work: Condvar,
+    work: Condvar,
+}
+
+impl Jobs for Shared {
+    type Output = Result<Resident>;
+
+    fn next_job(&self) -> Option<(usize, JobKind)> {
+        let mut st = self.state.lock().unwrap();
+        loop {
+            if st.shutdown {
+                return None;
+            }
+            if let Some(s) = st.queue.pop() {
+                let IoState::Queued(kind) = st.slots[s].io else {
+                    unreachable!("slot {s} in the queue is not queued")
+                };
+                st.slots[s].io = IoState::Reading(kind);
+                return Some((s, kind));
+            }
+            st = self.work.wait(st).unwrap();
+        }
+    }
+
+    fn read(&self, slot: usize, buf: &mut AlignedBuf, zbuf: &mut Vec<u8>) -> (Result<Resident>, u64) {
+        let chunk = self.model.expert_chunk(slot / self.n_experts, slot % self.n_experts);
+        let read = self.reader.with_raw(&self.model, chunk, buf, zbuf, |raw| Resident::from_chunk(chunk, raw, &self.live));
+        (read, chunk.bytes)
+    }
+
+    fn deliver(&self, slot: usize, kind: JobKind, stored: u64, busy: f64, read: Result<Resident>) {
+        self.state.lock().unwrap().deliver(slot, kind, stored, busy, read);
+        self.landed.notify_all();
+    }
 }
 
 /// Experts of one converted model, resident in RAM within a budget or read on demand.
@@ -96,16 +109,7 @@ impl ExpertStore {
         let slots: Vec<Slot> = (0..n)
             .map(|i| {
                 let chunk = model.expert_chunk(i / c.n_experts, i % c.n_experts);
-                Slot {
-                    cached: None,
-                    pinned: false,
-                    io: IoState::Idle,
-                    landed: None,
-                    failed: None,
-                    prefetched: false,
-                    want: 0,
-                    bytes: chunk.tensors.iter().map(|t| t.bytes).sum(),
-                }
+                Slot::new(chunk.tensors.iter().map(|t| t.bytes).sum())
             })
             .collect();
         let total_bytes: u64 = slots.iter().map(|s| s.bytes).sum();
@@ -148,7 +152,7 @@ impl ExpertStore {
             let sh = shared.clone();
             let t = std::thread::Builder::new()
                 .name(format!("expert-io-{i}"))
-                .spawn(move || prefetch::worker(sh))
+                .spawn(move || prefetch::worker(&*sh))
                 .map_err(|e| Error::Invalid(format!("cannot start an expert I/O thread: {e}")))?;
             threads.push(t);
         }
@@ -203,8 +207,7 @@ impl ExpertStore {
         let mut st = sh.state.lock().unwrap();
         for &s in &slots {
             if st.slots[s].cached.is_none() && st.slots[s].io == IoState::Idle {
-                st.slots[s].io = IoState::Queued(JobKind::Load);
-                st.queue.push(s, JobKind::Load);
+                st.queue_read(s, JobKind::Load);
             }
             st.slots[s].want += 1;
         }
@@ -214,18 +217,14 @@ impl ExpertStore {
             while !(st.slots[s].cached.is_some() || st.slots[s].landed.is_some() || st.slots[s].failed.is_some()) {
                 st = sh.landed.wait(st).unwrap();
             }
-            if let Some(e) = prefetch::take_failure(&mut st, s) {
+            if let Some(e) = st.take_failure(s) {
                 first_err.get_or_insert(e);
             } else if st.slots[s].cached.is_none() {
                 // Read by a prefetch or a demand read that the policy did not admit.
                 let a = st.slots[s].landed.clone().expect("landed");
-                prefetch::admit(&mut st, s, &a, true);
+                st.admit(s, &a, true);
             }
-            let slot = &mut st.slots[s];
-            slot.want -= 1;
-            if slot.want == 0 {
-                slot.landed = None;
-            }
+            st.release(s);
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -300,16 +299,15 @@ impl ExpertStore {
         let mut queued = false;
         for &e in &guessed {
             let s = layer * ne + e;
-            if st.device.as_ref().is_some_and(|d| d.holds(layer, e)) {
+            if st.on_device(layer, e) {
                 continue;
             }
             let slot = &mut st.slots[s];
             if slot.cached.is_some() || slot.landed.is_some() || slot.io != IoState::Idle {
                 continue;
             }
-            slot.io = IoState::Queued(JobKind::Prefetch);
             slot.prefetched = true;
-            st.queue.push(s, JobKind::Prefetch);
+            st.queue_read(s, JobKind::Prefetch);
             st.counters.prefetch.issued += 1;
             queued = true;
         }
@@ -353,10 +351,7 @@ impl ExpertStore {
                 slot.io = IoState::Idle;
                 st.counters.prefetch.cancelled += 1;
             }
-            if slot.want == 0 {
-                slot.landed = None;
-                slot.failed = None;
-            }
+            st.forget_if_unwanted(s);
         }
         let mut queued = false;
         for &e in &needed {
@@ -389,10 +384,7 @@ impl ExpertStore {
             c.ram.misses += 1;
             if slot.failed.is_some() && slot.io == IoState::Idle {
                 // A failed prefetch: report it now rather than reading again.
-                slot.want += 1;
-                let err = prefetch::take_failure(st, s).expect("failure present");
-                st.slots[s].want -= 1;
-                errors.push_back(err);
+                errors.push_back(st.report_failure(s).expect("failure present"));
                 continue;
             }
             match slot.io {
@@ -506,15 +498,11 @@ impl Iterator for Fetch<'_> {
                 let out = if let Some(a) = slot.landed.clone().or_else(|| slot.cached.clone()) {
                     Ok((e, ExpertRef(a)))
                 } else if slot.failed.is_some() {
-                    Err(prefetch::take_failure(&mut st, s).expect("failure present"))
+                    Err(st.take_failure(s).expect("failure present"))
                 } else {
                     continue;
                 };
-                let slot = &mut st.slots[s];
-                slot.want -= 1;
-                if slot.want == 0 {
-                    slot.landed = None;
-                }
+                st.release(s);
                 self.pending.remove(i);
                 st.counters.stall_seconds += t0.elapsed().as_secs_f64();
                 return Some(out);
@@ -533,12 +521,36 @@ impl Drop for Fetch<'_> {
         let ne = self.store.shared.n_experts;
         let mut st = self.store.shared.state.lock().unwrap();
         for &e in &self.pending {
-            let slot = &mut st.slots[self.layer * ne + e];
-            slot.want -= 1;
-            if slot.want == 0 {
-                slot.landed = None;
-                slot.failed = None;
-            }
+            st.abandon(self.layer * ne + e);
         }
+    }
+}
+
+/// The model's view of the store: experts as they land, and the next layer's guess as a hint.
+impl ExpertSource for ExpertStore {
+    fn for_each_expert(
+        &self,
+        layer: usize,
+        needed: &[usize],
+        f: &mut dyn FnMut(usize, &Expert) -> Result<()>,
+    ) -> Result<()> {
+        for item in self.fetch(layer, needed) {
+            let (e, x) = item?;
+            f(e, &x)?;
+        }
+        Ok(())
+    }
+
+    fn takes_guesses(&self) -> bool {
+        // Without prefetch a hint reads nothing and counts nothing: no need to compute one.
+        self.prefetch
+    }
+
+    fn guess_next_layer(&self, layer: usize, guessed: &[usize]) {
+        self.hint_next_layer(layer, guessed);
+    }
+
+    fn tokens_done(&self, n: u64) {
+        self.advance(n);
     }
 }

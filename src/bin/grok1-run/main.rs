@@ -28,7 +28,7 @@ pub struct ModelArgs {
     pub threads: Option<usize>,
     /// Bound the RAM held by expert weights (e.g. 24GB, 512MiB): the rest are read from the
     /// model's chunks on demand, the most used kept. Default: every expert in RAM.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_size_arg)]
     pub ram_budget: Option<u64>,
     /// Read every expert from disk when needed, with no cache and no prefetch (a baseline).
     #[arg(long)]
@@ -42,14 +42,19 @@ pub struct ModelArgs {
     /// Do not prefetch the next layer's likely experts.
     #[arg(long)]
     pub no_prefetch: bool,
+    /// Device memory the GPU may take for the dense weights, KV cache and the hottest experts
+    /// (e.g. 20G; 0 keeps the GPU out). Default: the device's free memory less a margin.
+    #[arg(long, value_parser = parse_size_arg)]
+    pub gpu_budget: Option<u64>,
+    /// Run on a device emulated by the CPU, of this many bytes (its own buffers, counted
+    /// copies, the CPU's kernels): the GPU schedule without a GPU, for tests.
+    #[arg(long, value_parser = parse_size_arg, conflicts_with = "gpu_budget")]
+    pub emulate_gpu: Option<u64>,
 }
 
+/// Sizes on the command line (`24GB`, `512MiB`), as `grok1::size::parse_size` reads them.
 pub fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s)
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    grok1::residency::parse_size(s).map_err(|e| e.to_string())
+    grok1::size::parse_size(s).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
