@@ -17,14 +17,19 @@
 
 use super::{f16_round, f16_scale, hsum, QK};
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
 pub const BLOCK_BYTES: usize = 2 + QK / 2;
 
-pub const IQ4_NL_GRID: [i8; 16] =
-    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+pub const IQ4_NL_GRID: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 /// Grid positions tried for the block's largest-magnitude weight (see the module comment).
-const CANDIDATES: [f32; 12] =
-    [-137.0, -131.0, -125.0, -119.0, -113.0, -107.0, 94.8, 100.5, 106.2, 111.8, 117.5, 123.2];
+const CANDIDATES: [f32; 12] = [
+    -137.0, -131.0, -125.0, -119.0, -113.0, -107.0, 94.8, 100.5, 106.2, 111.8, 117.5, 123.2,
+];
 const NC: usize = CANDIDATES.len();
 
 /// Cells of width 0.5 covering grid positions [-160, 160); positions beyond clamp to the ends,
@@ -89,6 +94,17 @@ pub fn nearest_index(u: f32) -> u8 {
 /// of `N` weights, `N` a multiple of 8.
 #[inline(always)]
 pub(crate) fn evaluate<const N: usize>(x: &[f32; N], d: f32) -> (f32, f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, as just checked.
+        return unsafe { avx2::evaluate(x, d) };
+    }
+    evaluate_scalar(x, d)
+}
+
+/// The reference for `evaluate` (and its version on CPUs without AVX2).
+#[inline(always)]
+fn evaluate_scalar<const N: usize>(x: &[f32; N], d: f32) -> (f32, f32, f32) {
     let id = 1.0 / d;
     // Eight independent lanes so the sums vectorize; the order is fixed, so every build agrees.
     let mut e = [0f32; 8];
@@ -122,11 +138,44 @@ fn choose_scale(x: &[f32; QK]) -> f32 {
         // Rare and outside what the hot loop may see: search on a cleaned copy.
         let mut clean = *x;
         for v in clean.iter_mut() {
-            *v = if v.is_nan() { 0.0 } else { v.clamp(f32::MIN, f32::MAX) };
+            *v = if v.is_nan() {
+                0.0
+            } else {
+                v.clamp(f32::MIN, f32::MAX)
+            };
         }
         return search_scale::<QK, true>(&clean);
     }
     search_scale::<QK, true>(x)
+}
+
+/// `sum(g * v)` and `sum(g * g)` in weight order for each candidate, g the grid value of cell
+/// `v * ids2[k] + CELL_OFFSET`, which must lie in the table.
+#[inline(always)]
+fn candidate_sums<const N: usize>(x: &[f32; N], ids2: &[f32; NC]) -> ([f32; NC], [f32; NC]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, as just checked; the cells are in the table (caller).
+        return unsafe { avx2::candidate_sums(x, ids2) };
+    }
+    candidate_sums_scalar(x, ids2)
+}
+
+/// The reference for `candidate_sums`.
+#[inline(always)]
+fn candidate_sums_scalar<const N: usize>(x: &[f32; N], ids2: &[f32; NC]) -> ([f32; NC], [f32; NC]) {
+    let mut sgx = [0f32; NC];
+    let mut sgg = [0f32; NC];
+    for &v in x {
+        for k in 0..NC {
+            let c = v * ids2[k] + CELL_OFFSET;
+            // SAFETY: c is a valid cell (the caller's bound), so also a valid i32.
+            let g = unsafe { *CELL_VALUE.get_unchecked(c.to_int_unchecked::<i32>() as usize) };
+            sgx[k] += g * v;
+            sgg[k] += g * g;
+        }
+    }
+    (sgx, sgg)
 }
 
 #[inline(always)]
@@ -161,23 +210,21 @@ pub(crate) fn search_scale<const N: usize, const F16: bool>(x: &[f32; N]) -> f32
     for k in 0..NC {
         ids2[k] = 2.0 * CANDIDATES[k] * inv;
     }
-    let mut sgx = [0f32; NC];
-    let mut sgg = [0f32; NC];
-    for &v in x {
-        for k in 0..NC {
-            let c = v * ids2[k] + CELL_OFFSET;
-            // SAFETY: |v * ids2[k]| <= 2 * 137 (1 + 2^-22) and the values are finite (callers
-            // guarantee it), so c is in [45, 595]: a valid i32 and a valid cell.
-            let g = unsafe { *CELL_VALUE.get_unchecked(c.to_int_unchecked::<i32>() as usize) };
-            sgx[k] += g * v;
-            sgg[k] += g * g;
-        }
-    }
+    // |v * ids2[k]| <= 2 * 137 (1 + 2^-22) and the values are finite (callers guarantee it), so
+    // every cell v * ids2[k] + CELL_OFFSET is in [45, 595]: a valid i32 and a valid cell.
+    let (sgx, sgg) = candidate_sums(x, &ids2);
     // The least-squares scale sgx / sgg leaves error sum(x^2) - sgx^2 / sgg: maximise the ratio.
-    let mut best = 0;
+    // The products are those of `sgx[k] * sgx[k] * sgg[best] > sgx[best] * sgx[best] * sgg[k]`
+    // (so the same candidate wins, ties to the first), with the best so far kept in registers:
+    // reloading it by index made a chain of dependent loads through the scan.
+    let mut sq = [0f32; NC];
+    for k in 0..NC {
+        sq[k] = sgx[k] * sgx[k];
+    }
+    let (mut best, mut sq_best, mut sgg_best) = (0, sq[0], sgg[0]);
     for k in 1..NC {
-        if sgx[k] * sgx[k] * sgg[best] > sgx[best] * sgx[best] * sgg[k] {
-            best = k;
+        if sq[k] * sgg_best > sq_best * sgg[k] {
+            (best, sq_best, sgg_best) = (k, sq[k], sgg[k]);
         }
     }
     let mut d = round_if::<F16>(sgx[best] / sgg[best]);
@@ -277,7 +324,10 @@ mod tests {
         while u < 170.0 {
             let n = nearest_index(u) as usize;
             let err = (u - IQ4_NL_GRID[n] as f32).abs();
-            let best = IQ4_NL_GRID.iter().map(|&g| (u - g as f32).abs()).fold(f32::MAX, f32::min);
+            let best = IQ4_NL_GRID
+                .iter()
+                .map(|&g| (u - g as f32).abs())
+                .fold(f32::MAX, f32::min);
             // u * 2 + 320 is rounded in f32, which can move a point within ~1e-5 of a midpoint
             // to the other side; the error that costs is below that distance.
             assert!(

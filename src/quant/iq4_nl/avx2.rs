@@ -1,0 +1,78 @@
+//! AVX2 versions of iq4_nl's two inner loops, which are most of the int4 quantizers' time: the
+//! candidate sums of the scale search and `evaluate`. The nearest-grid lookup is one gather from
+//! the cell table. Each does, lane for lane, the f32 operations of the scalar loop it replaces in
+//! the same order (a separate multiply and add, never a fused one), so both give the same bits;
+//! the digest test and `builds_agree_bit_for_bit` check it.
+
+use super::{CELL_OFFSET, CELL_VALUE, NC, NCELLS};
+use std::arch::x86_64::*;
+
+// The candidate loop holds 12 candidates as 8 + 4 lanes.
+const _: () = assert!(NC == 12);
+
+/// `sum(g * v)` and `sum(g * g)` over the weights, in weight order, for each candidate `k`,
+/// where g is the grid value of cell `v * ids2[k] + CELL_OFFSET`. Every such cell must be in the
+/// table (the caller's bound).
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) unsafe fn candidate_sums<const N: usize>(
+    x: &[f32; N],
+    ids2: &[f32; NC],
+) -> ([f32; NC], [f32; NC]) {
+    let table = CELL_VALUE.as_ptr();
+    let (s8, s4) = (
+        _mm256_loadu_ps(ids2.as_ptr()),
+        _mm_loadu_ps(ids2.as_ptr().add(8)),
+    );
+    let (off8, off4) = (_mm256_set1_ps(CELL_OFFSET), _mm_set1_ps(CELL_OFFSET));
+    let (mut gx8, mut gg8) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut gx4, mut gg4) = (_mm_setzero_ps(), _mm_setzero_ps());
+    for &v in x {
+        let v8 = _mm256_set1_ps(v);
+        let v4 = _mm256_castps256_ps128(v8);
+        let c8 = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v8, s8), off8));
+        let c4 = _mm_cvttps_epi32(_mm_add_ps(_mm_mul_ps(v4, s4), off4));
+        let g8 = _mm256_i32gather_ps::<4>(table, c8);
+        let g4 = _mm_i32gather_ps::<4>(table, c4);
+        gx8 = _mm256_add_ps(gx8, _mm256_mul_ps(g8, v8));
+        gg8 = _mm256_add_ps(gg8, _mm256_mul_ps(g8, g8));
+        gx4 = _mm_add_ps(gx4, _mm_mul_ps(g4, v4));
+        gg4 = _mm_add_ps(gg4, _mm_mul_ps(g4, g4));
+    }
+    let (mut sgx, mut sgg) = ([0f32; NC], [0f32; NC]);
+    _mm256_storeu_ps(sgx.as_mut_ptr(), gx8);
+    _mm_storeu_ps(sgx.as_mut_ptr().add(8), gx4);
+    _mm256_storeu_ps(sgg.as_mut_ptr(), gg8);
+    _mm_storeu_ps(sgg.as_mut_ptr().add(8), gg4);
+    (sgx, sgg)
+}
+
+/// `evaluate`: eight lanes over the weights, summed by `hsum`.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) unsafe fn evaluate<const N: usize>(x: &[f32; N], d: f32) -> (f32, f32, f32) {
+    let table = CELL_VALUE.as_ptr();
+    let id = _mm256_set1_ps(1.0 / d);
+    let vd = _mm256_set1_ps(d);
+    let (two, off) = (_mm256_set1_ps(2.0), _mm256_set1_ps(CELL_OFFSET));
+    let (zero, top) = (_mm256_setzero_ps(), _mm256_set1_ps((NCELLS - 1) as f32));
+    let (mut e, mut gx, mut gg) = (zero, zero, zero);
+    for c in 0..N / 8 {
+        let v = _mm256_loadu_ps(x.as_ptr().add(8 * c));
+        let t = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(v, id), two), off);
+        // max(t, 0) is 0 for a NaN t, like f32::max; after it t is in [0, NCELLS - 1], so the
+        // scalar code's integer clamp never changes the cell.
+        let t = _mm256_min_ps(_mm256_max_ps(t, zero), top);
+        let g = _mm256_i32gather_ps::<4>(table, _mm256_cvttps_epi32(t));
+        let r = _mm256_sub_ps(v, _mm256_mul_ps(vd, g));
+        e = _mm256_add_ps(e, _mm256_mul_ps(r, r));
+        gx = _mm256_add_ps(gx, _mm256_mul_ps(g, v));
+        gg = _mm256_add_ps(gg, _mm256_mul_ps(g, g));
+    }
+    let mut lanes = [[0f32; 8]; 3];
+    _mm256_storeu_ps(lanes[0].as_mut_ptr(), e);
+    _mm256_storeu_ps(lanes[1].as_mut_ptr(), gx);
+    _mm256_storeu_ps(lanes[2].as_mut_ptr(), gg);
+    let h = crate::quant::hsum;
+    (h(&lanes[0]), h(&lanes[1]), h(&lanes[2]))
+}
