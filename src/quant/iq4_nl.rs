@@ -192,58 +192,101 @@ fn round_if<const F16: bool>(d: f32) -> f32 {
 /// sub-blocks, whose scales are integers under a shared one).
 #[inline(always)]
 pub(crate) fn search_scale<const N: usize, const F16: bool>(x: &[f32; N]) -> f32 {
-    let mut amax = 0f32;
-    let mut max = 0f32;
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax < TINY {
-        return 0.0;
-    }
-    // Candidate k maps the largest weight to grid position CANDIDATES[k]; every other weight
-    // lands within that in magnitude, so cells 2u + 320 stay inside the table.
-    let inv = 1.0 / max;
-    let mut ids2 = [0f32; NC];
-    for k in 0..NC {
-        ids2[k] = 2.0 * CANDIDATES[k] * inv;
-    }
-    // |v * ids2[k]| <= 2 * 137 (1 + 2^-22) and the values are finite (callers guarantee it), so
-    // every cell v * ids2[k] + CELL_OFFSET is in [45, 595]: a valid i32 and a valid cell.
-    let (sgx, sgg) = candidate_sums(x, &ids2);
-    // The least-squares scale sgx / sgg leaves error sum(x^2) - sgx^2 / sgg: maximise the ratio.
-    // The products are those of `sgx[k] * sgx[k] * sgg[best] > sgx[best] * sgx[best] * sgg[k]`
-    // (so the same candidate wins, ties to the first), with the best so far kept in registers:
-    // reloading it by index made a chain of dependent loads through the scan.
-    let mut sq = [0f32; NC];
-    for k in 0..NC {
-        sq[k] = sgx[k] * sgx[k];
-    }
-    let (mut best, mut sq_best, mut sgg_best) = (0, sq[0], sgg[0]);
-    for k in 1..NC {
-        if sq[k] * sgg_best > sq_best * sgg[k] {
-            (best, sq_best, sgg_best) = (k, sq[k], sgg[k]);
-        }
-    }
-    let mut d = round_if::<F16>(sgx[best] / sgg[best]);
-    if d == 0.0 || !d.is_finite() {
-        return 0.0;
-    }
-    let (mut err, mut gx, mut gg) = evaluate(x, d);
-    for _ in 0..2 {
-        let dn = round_if::<F16>(gx / gg);
-        if dn == d || dn == 0.0 || !dn.is_finite() {
-            break;
-        }
-        let (en, gxn, ggn) = evaluate(x, dn);
-        if en >= err {
-            break;
-        }
-        (d, err, gx, gg) = (dn, en, gxn, ggn);
-    }
+    let [d] = search_scales::<N, F16, 1>(std::array::from_ref(x));
     d
+}
+
+/// `search_scale` of each of `B` blocks, the same value for each, the searches interleaved: one
+/// block's search is a chain of dependent steps (lookups, sums, a division, the next lookups), so
+/// running several side by side keeps the CPU busy, and the data-dependent choices are selects
+/// rather than branches (a mispredicted branch throws the other blocks' work away).
+#[inline(always)]
+pub(crate) fn search_scales<const N: usize, const F16: bool, const B: usize>(
+    xs: &[[f32; N]; B],
+) -> [f32; B] {
+    let mut out = [0f32; B];
+    // The largest magnitude and the first weight that has it (what a scan keeping the first
+    // strictly larger one finds), found without a branch per weight.
+    let mut max = [0f32; B];
+    let mut live = [false; B];
+    for j in 0..B {
+        let mut amax = 0f32;
+        for &v in &xs[j] {
+            amax = amax.max(v.abs());
+        }
+        for &v in xs[j].iter().rev() {
+            max[j] = if v.abs() == amax { v } else { max[j] };
+        }
+        live[j] = amax >= TINY;
+    }
+    let mut sgx = [[0f32; NC]; B];
+    let mut sgg = [[0f32; NC]; B];
+    for j in 0..B {
+        if !live[j] {
+            continue; // rare: all but zero, stored as zeros
+        }
+        // Candidate k maps the largest weight to grid position CANDIDATES[k]; every other weight
+        // lands within that in magnitude, so cells 2u + 320 stay inside the table.
+        let inv = 1.0 / max[j];
+        let mut ids2 = [0f32; NC];
+        for k in 0..NC {
+            ids2[k] = 2.0 * CANDIDATES[k] * inv;
+        }
+        // |v * ids2[k]| <= 2 * 137 (1 + 2^-22) and the values are finite (callers guarantee
+        // it), so every cell v * ids2[k] + CELL_OFFSET is in [45, 595]: a valid i32 and cell.
+        (sgx[j], sgg[j]) = candidate_sums(&xs[j], &ids2);
+    }
+    // The least-squares scale sgx / sgg leaves error sum(x^2) - sgx^2 / sgg: maximise the ratio,
+    // comparing `sgx[k] * sgx[k] * sgg[best] > sgx[best] * sgx[best] * sgg[k]` in a scan, so
+    // ties go to the first candidate.
+    let mut d = [0f32; B];
+    for j in 0..B {
+        let mut sq = [0f32; NC];
+        for k in 0..NC {
+            sq[k] = sgx[j][k] * sgx[j][k];
+        }
+        let (mut best, mut sq_best, mut sgg_best) = (0, sq[0], sgg[j][0]);
+        for k in 1..NC {
+            let better = sq[k] * sgg_best > sq_best * sgg[j][k];
+            best = if better { k } else { best };
+            sq_best = if better { sq[k] } else { sq_best };
+            sgg_best = if better { sgg[j][k] } else { sgg_best };
+        }
+        d[j] = round_if::<F16>(sgx[j][best] / sgg[j][best]);
+        live[j] &= d[j] != 0.0 && d[j].is_finite();
+    }
+    // Polish: re-assign at the scale and refit, at most twice, while the error falls.
+    let mut err = [0f32; B];
+    let mut gx = [0f32; B];
+    let mut gg = [0f32; B];
+    for j in 0..B {
+        if live[j] {
+            (err[j], gx[j], gg[j]) = evaluate(&xs[j], d[j]);
+        }
+    }
+    let mut polishing = live;
+    for _ in 0..2 {
+        for j in 0..B {
+            if !polishing[j] {
+                continue;
+            }
+            let dn = round_if::<F16>(gx[j] / gg[j]);
+            if dn == d[j] || dn == 0.0 || !dn.is_finite() {
+                polishing[j] = false;
+                continue;
+            }
+            let (en, gxn, ggn) = evaluate(&xs[j], dn);
+            if en >= err[j] {
+                polishing[j] = false;
+                continue;
+            }
+            (d[j], err[j], gx[j], gg[j]) = (dn, en, gxn, ggn);
+        }
+    }
+    for j in 0..B {
+        out[j] = if live[j] { d[j] } else { 0.0 };
+    }
+    out
 }
 
 #[inline(always)]

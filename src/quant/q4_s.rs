@@ -30,7 +30,7 @@
 //! integers either side of `a[j] / d`, then `d` refit by least squares over the super-block and the
 //! integers chosen again while the squared error falls.
 
-use super::iq4_nl::{evaluate as evaluate_nonzero, nearest_index, search_scale};
+use super::iq4_nl::{evaluate as evaluate_nonzero, nearest_index, search_scales};
 use super::{f16_round, f16_scale, IQ4_NL_GRID};
 
 /// Weights per super-block.
@@ -130,11 +130,10 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
     for (j, s) in subs.iter_mut().enumerate() {
         s.copy_from_slice(&x[SUB * j..SUB * (j + 1)]);
     }
-    let mut a = [0f32; NSUB];
+    // iq4_nl's search, without rounding the scale: it becomes an integer under `d`.
+    let a = search_scales::<SUB, false, NSUB>(&subs);
     let mut amax = 0f32;
     for j in 0..NSUB {
-        // iq4_nl's search, without rounding the scale: it becomes an integer under `d`.
-        a[j] = search_scale::<SUB, false>(&subs[j]);
         amax = amax.max(a[j].abs());
     }
     b.fill(0);
@@ -143,7 +142,10 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
     }
     // d > 0; the largest sub-scale maps to 63, or to -64 when it is negative (the wider end).
     let mut best: Option<(f32, [i8; NSUB], f32)> = None;
-    let amax_signed = a.iter().copied().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+    let amax_signed = a
+        .iter()
+        .copied()
+        .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
     let starts = [amax / S_MAX as f32, amax / -S_MIN as f32];
     for &d0 in &starts[..if amax_signed < 0.0 { 2 } else { 1 }] {
         let mut d = round_d(d0);
@@ -185,7 +187,10 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
 
 #[inline(always)]
 fn quantize_row_generic(row: &[f32], out: &mut [u8]) {
-    for (x, b) in row.chunks_exact(QK_S).zip(out.chunks_exact_mut(BLOCK_BYTES)) {
+    for (x, b) in row
+        .chunks_exact(QK_S)
+        .zip(out.chunks_exact_mut(BLOCK_BYTES))
+    {
         let mut finite = true;
         for &v in x {
             finite &= v.is_finite();
@@ -196,7 +201,11 @@ fn quantize_row_generic(row: &[f32], out: &mut [u8]) {
             // Rare: NaN becomes 0 and infinities the largest finite values.
             let mut clean = [0f32; QK_S];
             for (c, &v) in clean.iter_mut().zip(x) {
-                *c = if v.is_nan() { 0.0 } else { v.clamp(f32::MIN, f32::MAX) };
+                *c = if v.is_nan() {
+                    0.0
+                } else {
+                    v.clamp(f32::MIN, f32::MAX)
+                };
             }
             quantize_block(&clean, b);
         }
@@ -207,7 +216,10 @@ fn quantize_row_generic(row: &[f32], out: &mut [u8]) {
 /// + 8 significant bits, a power of two), so the decoded weights are exact.
 #[inline(always)]
 fn dequantize_row_generic(bytes: &[u8], out: &mut [f32]) {
-    for (b, y) in bytes.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(QK_S)) {
+    for (b, y) in bytes
+        .chunks_exact(BLOCK_BYTES)
+        .zip(out.chunks_exact_mut(QK_S))
+    {
         let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32() * D_UNIT;
         let s = unpack_scales(&b[2..16]);
         for blk in 0..NSUB / 2 {
@@ -234,7 +246,8 @@ mod tests {
     fn scale_packing_round_trips() {
         let mut sc = [0i8; NSUB];
         for (j, s) in sc.iter_mut().enumerate() {
-            *s = [-64, 63, 0, -1, 1, 17, -33, 42][j % 8] + if j >= 8 { (j as i8 % 3) - 1 } else { 0 };
+            *s = [-64, 63, 0, -1, 1, 17, -33, 42][j % 8]
+                + if j >= 8 { (j as i8 % 3) - 1 } else { 0 };
             *s = (*s).clamp(-64, 63);
         }
         assert_eq!(unpack_scales(&pack_scales(&sc)), sc);
