@@ -102,6 +102,18 @@ pub(crate) fn evaluate<const N: usize>(x: &[f32; N], d: f32) -> (f32, f32, f32) 
     evaluate_scalar(x, d)
 }
 
+/// `evaluate` at two scales (both nonzero) in one pass over the weights: the same values as two
+/// calls, with the loads shared and the two chains of lookups side by side.
+#[inline(always)]
+pub(crate) fn evaluate2<const N: usize>(x: &[f32; N], d0: f32, d1: f32) -> [(f32, f32, f32); 2] {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, as just checked.
+        return unsafe { avx2::evaluate2(x, d0, d1) };
+    }
+    [evaluate_scalar(x, d0), evaluate_scalar(x, d1)]
+}
+
 /// The reference for `evaluate` (and its version on CPUs without AVX2).
 #[inline(always)]
 fn evaluate_scalar<const N: usize>(x: &[f32; N], d: f32) -> (f32, f32, f32) {

@@ -30,7 +30,7 @@
 //! integers either side of `a[j] / d`, then `d` refit by least squares over the super-block and the
 //! integers chosen again while the squared error falls.
 
-use super::iq4_nl::{evaluate as evaluate_nonzero, nearest_index, search_scales};
+use super::iq4_nl::{evaluate2, nearest_index, search_scales};
 use super::{f16_round, f16_scale, IQ4_NL_GRID};
 
 /// Weights per super-block.
@@ -81,38 +81,39 @@ pub fn pack_scales(sc: &[i8; NSUB]) -> [u8; 14] {
     s
 }
 
-/// Squared error, sum(g * x) and sum(g * g) of the nearest-grid assignment of a sub-block at
-/// scale `c` (grid values g, weights x); `c = 0` stores zeros.
-#[inline(always)]
-fn evaluate(x: &[f32; SUB], c: f32) -> (f32, f32, f32) {
-    if c == 0.0 {
-        let mut e = 0f32;
-        for &v in x {
-            e += v * v;
-        }
-        return (e, 0.0, 0.0);
-    }
-    evaluate_nonzero(x, c)
-}
-
 /// Integer sub-scales for super-block scale `d`, each the better of the two integers either
 /// side of `a[j] / d`; returns them with the total squared error and the least-squares sums for `d`.
+/// `sq[j]` is sub-block j's sum of squares in weight order: its error at scale 0 (stored zeros).
 #[inline(always)]
-fn choose_ints(x: &[[f32; SUB]; NSUB], a: &[f32; NSUB], d: f32) -> ([i8; NSUB], f32, f32, f32) {
+fn choose_ints(
+    x: &[[f32; SUB]; NSUB],
+    sq: &[f32; NSUB],
+    a: &[f32; NSUB],
+    d: f32,
+) -> ([i8; NSUB], f32, f32, f32) {
     let mut s = [0i8; NSUB];
     let (mut err, mut num, mut den) = (0f32, 0f32, 0f32);
     for j in 0..NSUB {
         let u = (a[j] / d).clamp(S_MIN as f32, S_MAX as f32);
         let lo = u.floor() as i32;
+        let t = [lo, lo + 1];
+        // Both integers' errors in one pass; a scale of 0 (or an integer out of range, whose
+        // result is ignored) is evaluated at 1 and its result replaced, without a branch.
+        let c = [d * t[0] as f32, d * t[1] as f32];
+        let pass = evaluate2(
+            &x[j],
+            if c[0] == 0.0 { 1.0 } else { c[0] },
+            if c[1] == 0.0 { 1.0 } else { c[1] },
+        );
         let mut best = (f32::MAX, 0f32, 0f32, 0i32);
-        for t in [lo, lo + 1] {
-            if !(S_MIN..=S_MAX).contains(&t) {
-                continue;
-            }
-            let (e, gx, gg) = evaluate(&x[j], d * t as f32);
-            if e < best.0 {
-                best = (e, gx, gg, t);
-            }
+        for i in 0..2 {
+            let (e, gx, gg) = if c[i] == 0.0 {
+                (sq[j], 0.0, 0.0)
+            } else {
+                pass[i]
+            };
+            let better = (S_MIN..=S_MAX).contains(&t[i]) && e < best.0;
+            best = if better { (e, gx, gg, t[i]) } else { best };
         }
         let (e, gx, gg, t) = best;
         s[j] = t as i8;
@@ -132,6 +133,12 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
     }
     // iq4_nl's search, without rounding the scale: it becomes an integer under `d`.
     let a = search_scales::<SUB, false, NSUB>(&subs);
+    let mut sq = [0f32; NSUB];
+    for j in 0..NSUB {
+        for &v in &subs[j] {
+            sq[j] += v * v;
+        }
+    }
     let mut amax = 0f32;
     for j in 0..NSUB {
         amax = amax.max(a[j].abs());
@@ -153,7 +160,7 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
             if d <= 0.0 || !d.is_finite() {
                 break;
             }
-            let (s, err, num, den) = choose_ints(&subs, &a, d);
+            let (s, err, num, den) = choose_ints(&subs, &sq, &a, d);
             if best.is_none_or(|(_, _, e)| err < e) {
                 best = Some((d, s, err));
             } else {

@@ -47,32 +47,63 @@ pub(super) unsafe fn candidate_sums<const N: usize>(
     (sgx, sgg)
 }
 
-/// `evaluate`: eight lanes over the weights, summed by `hsum`.
+/// `evaluate` at `M` scales in one pass: eight lanes over the weights, summed by `hsum`.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn evaluate_m<const N: usize, const M: usize>(
+    x: &[f32; N],
+    d: [f32; M],
+) -> [(f32, f32, f32); M] {
+    let table = CELL_VALUE.as_ptr();
+    let (two, off) = (_mm256_set1_ps(2.0), _mm256_set1_ps(CELL_OFFSET));
+    let (zero, top) = (_mm256_setzero_ps(), _mm256_set1_ps((NCELLS - 1) as f32));
+    let mut id = [zero; M];
+    let mut vd = [zero; M];
+    for m in 0..M {
+        id[m] = _mm256_set1_ps(1.0 / d[m]);
+        vd[m] = _mm256_set1_ps(d[m]);
+    }
+    let (mut e, mut gx, mut gg) = ([zero; M], [zero; M], [zero; M]);
+    for c in 0..N / 8 {
+        let v = _mm256_loadu_ps(x.as_ptr().add(8 * c));
+        for m in 0..M {
+            let t = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(v, id[m]), two), off);
+            // max(t, 0) is 0 for a NaN t, like f32::max; after it t is in [0, NCELLS - 1], so
+            // the scalar code's integer clamp never changes the cell.
+            let t = _mm256_min_ps(_mm256_max_ps(t, zero), top);
+            let g = _mm256_i32gather_ps::<4>(table, _mm256_cvttps_epi32(t));
+            let r = _mm256_sub_ps(v, _mm256_mul_ps(vd[m], g));
+            e[m] = _mm256_add_ps(e[m], _mm256_mul_ps(r, r));
+            gx[m] = _mm256_add_ps(gx[m], _mm256_mul_ps(g, v));
+            gg[m] = _mm256_add_ps(gg[m], _mm256_mul_ps(g, g));
+        }
+    }
+    let mut out = [(0f32, 0f32, 0f32); M];
+    let h = crate::quant::hsum;
+    for m in 0..M {
+        let mut lanes = [[0f32; 8]; 3];
+        _mm256_storeu_ps(lanes[0].as_mut_ptr(), e[m]);
+        _mm256_storeu_ps(lanes[1].as_mut_ptr(), gx[m]);
+        _mm256_storeu_ps(lanes[2].as_mut_ptr(), gg[m]);
+        out[m] = (h(&lanes[0]), h(&lanes[1]), h(&lanes[2]));
+    }
+    out
+}
+
+/// `evaluate`.
 #[target_feature(enable = "avx2")]
 #[inline]
 pub(super) unsafe fn evaluate<const N: usize>(x: &[f32; N], d: f32) -> (f32, f32, f32) {
-    let table = CELL_VALUE.as_ptr();
-    let id = _mm256_set1_ps(1.0 / d);
-    let vd = _mm256_set1_ps(d);
-    let (two, off) = (_mm256_set1_ps(2.0), _mm256_set1_ps(CELL_OFFSET));
-    let (zero, top) = (_mm256_setzero_ps(), _mm256_set1_ps((NCELLS - 1) as f32));
-    let (mut e, mut gx, mut gg) = (zero, zero, zero);
-    for c in 0..N / 8 {
-        let v = _mm256_loadu_ps(x.as_ptr().add(8 * c));
-        let t = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(v, id), two), off);
-        // max(t, 0) is 0 for a NaN t, like f32::max; after it t is in [0, NCELLS - 1], so the
-        // scalar code's integer clamp never changes the cell.
-        let t = _mm256_min_ps(_mm256_max_ps(t, zero), top);
-        let g = _mm256_i32gather_ps::<4>(table, _mm256_cvttps_epi32(t));
-        let r = _mm256_sub_ps(v, _mm256_mul_ps(vd, g));
-        e = _mm256_add_ps(e, _mm256_mul_ps(r, r));
-        gx = _mm256_add_ps(gx, _mm256_mul_ps(g, v));
-        gg = _mm256_add_ps(gg, _mm256_mul_ps(g, g));
-    }
-    let mut lanes = [[0f32; 8]; 3];
-    _mm256_storeu_ps(lanes[0].as_mut_ptr(), e);
-    _mm256_storeu_ps(lanes[1].as_mut_ptr(), gx);
-    _mm256_storeu_ps(lanes[2].as_mut_ptr(), gg);
-    let h = crate::quant::hsum;
-    (h(&lanes[0]), h(&lanes[1]), h(&lanes[2]))
+    evaluate_m(x, [d])[0]
+}
+
+/// `evaluate2`.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) unsafe fn evaluate2<const N: usize>(
+    x: &[f32; N],
+    d0: f32,
+    d1: f32,
+) -> [(f32, f32, f32); 2] {
+    evaluate_m(x, [d0, d1])
 }
