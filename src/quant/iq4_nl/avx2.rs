@@ -79,15 +79,56 @@ unsafe fn evaluate_m<const N: usize, const M: usize>(
         }
     }
     let mut out = [(0f32, 0f32, 0f32); M];
-    let h = crate::quant::hsum;
-    for m in 0..M {
-        let mut lanes = [[0f32; 8]; 3];
-        _mm256_storeu_ps(lanes[0].as_mut_ptr(), e[m]);
-        _mm256_storeu_ps(lanes[1].as_mut_ptr(), gx[m]);
-        _mm256_storeu_ps(lanes[2].as_mut_ptr(), gg[m]);
-        out[m] = (h(&lanes[0]), h(&lanes[1]), h(&lanes[2]));
+    let mut m = 0;
+    while m < M {
+        // Two scales' sums per reduction (the second all zeros when M is odd).
+        let n = if m + 1 < M { m + 1 } else { m };
+        let keep = if m + 1 < M { -1 } else { 0 };
+        let mask = _mm256_castsi256_ps(_mm256_set1_epi32(keep));
+        let z = _mm256_and_ps(mask, e[n]);
+        let h = hsum8(
+            e[m],
+            gx[m],
+            gg[m],
+            z,
+            _mm256_and_ps(mask, gx[n]),
+            _mm256_and_ps(mask, gg[n]),
+            zero,
+            zero,
+        );
+        let mut s = [0f32; 8];
+        _mm256_storeu_ps(s.as_mut_ptr(), h);
+        out[m] = (s[0], s[1], s[2]);
+        if m + 1 < M {
+            out[m + 1] = (s[3], s[4], s[5]);
+        }
+        m += 2;
     }
     out
+}
+
+/// `hsum` of each of eight vectors, lane i of the result the sum of the i-th, in registers.
+/// `hadd(p, q)` is [p0+p1, p2+p3, q0+q1, q2+q3 | p4+p5, p6+p7, q4+q5, q6+q7]; a second round
+/// gives each vector's ((v0+v1)+(v2+v3)) in the low half and ((v4+v5)+(v6+v7)) in the high half,
+/// and adding the halves gives hsum's order.
+#[target_feature(enable = "avx2")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn hsum8(
+    a: __m256,
+    b: __m256,
+    c: __m256,
+    d: __m256,
+    e: __m256,
+    f: __m256,
+    g: __m256,
+    h: __m256,
+) -> __m256 {
+    let abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    let efgh = _mm256_hadd_ps(_mm256_hadd_ps(e, f), _mm256_hadd_ps(g, h));
+    let lo = _mm256_permute2f128_ps::<0x20>(abcd, efgh);
+    let hi = _mm256_permute2f128_ps::<0x31>(abcd, efgh);
+    _mm256_add_ps(lo, hi)
 }
 
 /// `evaluate`.
