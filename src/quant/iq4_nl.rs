@@ -19,6 +19,15 @@ use super::{f16_round, f16_scale, hsum, QK};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+/// Whether the AVX-512 loops may run: the CPU has AVX-512F and the blocks are whole vectors.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn use_avx512<const N: usize>() -> bool {
+    N % 16 == 0 && std::arch::is_x86_feature_detected!("avx512f")
+}
 
 pub const BLOCK_BYTES: usize = 2 + QK / 2;
 
@@ -95,6 +104,11 @@ pub fn nearest_index(u: f32) -> u8 {
 #[inline(always)]
 pub(crate) fn evaluate<const N: usize>(x: &[f32; N], d: f32) -> (f32, f32, f32) {
     #[cfg(target_arch = "x86_64")]
+    if use_avx512::<N>() {
+        // SAFETY: the CPU supports AVX-512F, as just checked.
+        return unsafe { avx512::evaluate_m(x, [d])[0] };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, as just checked.
         return unsafe { avx2::evaluate(x, d) };
@@ -106,6 +120,11 @@ pub(crate) fn evaluate<const N: usize>(x: &[f32; N], d: f32) -> (f32, f32, f32) 
 /// calls, with the loads shared and the two chains of lookups side by side.
 #[inline(always)]
 pub(crate) fn evaluate2<const N: usize>(x: &[f32; N], d0: f32, d1: f32) -> [(f32, f32, f32); 2] {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx512::<N>() {
+        // SAFETY: the CPU supports AVX-512F, as just checked.
+        return unsafe { avx512::evaluate_m(x, [d0, d1]) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, as just checked.
@@ -165,6 +184,11 @@ fn choose_scale(x: &[f32; QK]) -> f32 {
 /// `v * ids2[k] + CELL_OFFSET`, which must lie in the table.
 #[inline(always)]
 fn candidate_sums<const N: usize>(x: &[f32; N], ids2: &[f32; NC]) -> ([f32; NC], [f32; NC]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F, as just checked.
+        return unsafe { avx512::candidate_sums(x, ids2) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, as just checked; the cells are in the table (caller).
@@ -330,7 +354,34 @@ fn dequantize_row_generic(bytes: &[u8], out: &mut [f32]) {
     super::dequantize_nibble_row(bytes, out, &IQ4_NL_GRID);
 }
 
-super::multiversion!(quantize_row, quantize_row_generic, quantize_row_avx2, (row: &[f32], out: &mut [u8]));
+/// Quantize a row: the search compiled for AVX-512 or AVX2 when the CPU has it (so that its
+/// vector loops inline), else for the baseline; every copy gives the same bytes.
+pub fn quantize_row(row: &[f32], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, as just checked.
+            return unsafe { quantize_row_avx512(row, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, as just checked.
+            return unsafe { quantize_row_avx2(row, out) };
+        }
+    }
+    quantize_row_generic(row, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_row_avx512(row: &[f32], out: &mut [u8]) {
+    quantize_row_generic(row, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(row: &[f32], out: &mut [u8]) {
+    quantize_row_generic(row, out)
+}
 super::multiversion!(dequantize_row, dequantize_row_generic, dequantize_row_avx2, (bytes: &[u8], out: &mut [f32]));
 
 #[cfg(test)]

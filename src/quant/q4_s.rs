@@ -241,7 +241,34 @@ fn dequantize_row_generic(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-super::multiversion!(quantize_row, quantize_row_generic, quantize_row_avx2, (row: &[f32], out: &mut [u8]));
+/// Quantize a row: the search compiled for AVX-512 or AVX2 when the CPU has it (so that its
+/// vector loops inline), else for the baseline; every copy gives the same bytes.
+pub fn quantize_row(row: &[f32], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, as just checked.
+            return unsafe { quantize_row_avx512(row, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, as just checked.
+            return unsafe { quantize_row_avx2(row, out) };
+        }
+    }
+    quantize_row_generic(row, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_row_avx512(row: &[f32], out: &mut [u8]) {
+    quantize_row_generic(row, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(row: &[f32], out: &mut [u8]) {
+    quantize_row_generic(row, out)
+}
 super::multiversion!(dequantize_row, dequantize_row_generic, dequantize_row_avx2, (bytes: &[u8], out: &mut [f32]));
 
 #[cfg(test)]

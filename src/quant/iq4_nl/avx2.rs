@@ -78,6 +78,18 @@ unsafe fn evaluate_m<const N: usize, const M: usize>(
             gg[m] = _mm256_add_ps(gg[m], _mm256_mul_ps(g, g));
         }
     }
+    reduce(e, gx, gg)
+}
+
+/// The `hsum`s of `M` scales' three eight-lane sums.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) unsafe fn reduce<const M: usize>(
+    e: [__m256; M],
+    gx: [__m256; M],
+    gg: [__m256; M],
+) -> [(f32, f32, f32); M] {
+    let zero = _mm256_setzero_ps();
     let mut out = [(0f32, 0f32, 0f32); M];
     let mut m = 0;
     while m < M {
@@ -85,12 +97,11 @@ unsafe fn evaluate_m<const N: usize, const M: usize>(
         let n = if m + 1 < M { m + 1 } else { m };
         let keep = if m + 1 < M { -1 } else { 0 };
         let mask = _mm256_castsi256_ps(_mm256_set1_epi32(keep));
-        let z = _mm256_and_ps(mask, e[n]);
         let h = hsum8(
             e[m],
             gx[m],
             gg[m],
-            z,
+            _mm256_and_ps(mask, e[n]),
             _mm256_and_ps(mask, gx[n]),
             _mm256_and_ps(mask, gg[n]),
             zero,
