@@ -407,6 +407,135 @@ mod tests {
         assert_eq!(ya, yb);
     }
 
+    /// Blocks of `N` weights for the kernel tests: bell-shaped and heavy-tailed, with exact
+    /// zeros, ties, huge and tiny magnitudes.
+    fn kernel_blocks<const N: usize>() -> Vec<[f32; N]> {
+        let mut rng = crate::quant::measure::Rng::new(N as u64);
+        let mut out = Vec::new();
+        for i in 0..3000 {
+            let mut x = [0f32; N];
+            let scale = [1.0, 1e-4, 3e-7, 2e3, 1e-20][i % 5];
+            for v in x.iter_mut() {
+                let dist = if i % 2 == 0 {
+                    Dist::Gaussian
+                } else {
+                    Dist::StudentT(3)
+                };
+                *v = rng.sample(dist) as f32 * scale;
+            }
+            match i % 7 {
+                0 => x[i % N] = 0.0,
+                1 => x[..N / 2].fill(0.0),
+                2 => x[3] = -x[5],
+                3 => x[i % N] *= 1e6,
+                _ => {}
+            }
+            out.push(x);
+        }
+        out
+    }
+
+    /// The scales a search tries: the block's candidates and the refits' neighbours, including
+    /// ones that push weights past both ends of the table.
+    fn kernel_scales<const N: usize>(x: &[f32; N], i: usize) -> [f32; 3] {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+        let k = CANDIDATES[i % NC];
+        [amax / k, amax / (k * 0.37), -amax / (3.0 + (i % 5) as f32)]
+    }
+
+    fn bits3(v: (f32, f32, f32)) -> (u32, u32, u32) {
+        (v.0.to_bits(), v.1.to_bits(), v.2.to_bits())
+    }
+
+    fn kernels_match_scalar<const N: usize>() {
+        for (i, x) in kernel_blocks::<N>().iter().enumerate() {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let max = *x.iter().find(|v| v.abs() == amax).unwrap();
+            if amax < TINY {
+                continue;
+            }
+            let mut ids2 = [0f32; NC];
+            for k in 0..NC {
+                ids2[k] = 2.0 * CANDIDATES[k] * (1.0 / max);
+            }
+            let reference = candidate_sums_scalar(x, &ids2);
+            let [d0, d1, d2] = kernel_scales(x, i);
+            let ev = [
+                evaluate_scalar(x, d0),
+                evaluate_scalar(x, d1),
+                evaluate_scalar(x, d2),
+            ];
+            let ev = ev.map(bits3);
+            let bits = |s: ([f32; NC], [f32; NC])| (s.0.map(f32::to_bits), s.1.map(f32::to_bits));
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 is present; the cells are in the table (the search's bound).
+                    let got = unsafe { avx2::candidate_sums(x, &ids2) };
+                    assert_eq!(bits(got), bits(reference), "avx2 candidate sums, block {i}");
+                    let one = unsafe { avx2::evaluate(x, d0) };
+                    let two = unsafe { avx2::evaluate2(x, d1, d2) };
+                    assert_eq!(
+                        [bits3(one), bits3(two[0]), bits3(two[1])],
+                        ev,
+                        "avx2, block {i}"
+                    );
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: AVX-512F is present.
+                    let got = unsafe { avx512::candidate_sums(x, &ids2) };
+                    assert_eq!(
+                        bits(got),
+                        bits(reference),
+                        "avx512 candidate sums, block {i}"
+                    );
+                    if N % 16 == 0 {
+                        let one = unsafe { avx512::evaluate_m(x, [d0]) };
+                        let two = unsafe { avx512::evaluate_m(x, [d1, d2]) };
+                        let got = [bits3(one[0]), bits3(two[0]), bits3(two[1])];
+                        assert_eq!(got, ev, "avx512, block {i}");
+                    }
+                }
+            }
+            let _ = (&reference, &ev);
+        }
+    }
+
+    #[test]
+    fn vector_kernels_match_scalar_bit_for_bit() {
+        kernels_match_scalar::<16>();
+        kernels_match_scalar::<32>();
+        kernels_match_scalar::<8>();
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn register_lookup_matches_table() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        // Every cell's start, its middle and the last f32 below the next cell.
+        let mut ts = Vec::new();
+        for c in 0..NCELLS {
+            let c = c as f32;
+            ts.extend([c, c + 0.5, (c + 1.0).next_down().min((NCELLS - 1) as f32)]);
+        }
+        for chunk in ts.chunks(16) {
+            let mut t = [0f32; 16];
+            t[..chunk.len()].copy_from_slice(chunk);
+            let mut g = [0f32; 16];
+            // SAFETY: AVX-512F is present, as just checked.
+            unsafe {
+                use std::arch::x86_64::*;
+                _mm512_storeu_ps(g.as_mut_ptr(), avx512::lookup(_mm512_loadu_ps(t.as_ptr())));
+            }
+            for l in 0..chunk.len() {
+                let want = CELL_VALUE[t[l] as usize];
+                assert_eq!(g[l], want, "t = {}", t[l]);
+            }
+        }
+    }
+
     #[test]
     fn cell_table_is_nearest_grid_point() {
         for c in 0..NCELLS {
