@@ -99,6 +99,21 @@ pub fn nearest_index(u: f32) -> u8 {
     CELL_INDEX[nearest_cell(u)]
 }
 
+/// `nearest_index(x[l] * id)` for every weight.
+#[inline(always)]
+pub(crate) fn nearest_indices<const N: usize>(x: &[f32; N], id: f32) -> [u8; N] {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx512::<N>() {
+        // SAFETY: the CPU supports AVX-512F, as just checked.
+        return unsafe { avx512::nearest_indices(x, id) };
+    }
+    let mut out = [0u8; N];
+    for l in 0..N {
+        out[l] = nearest_index(x[l] * id);
+    }
+    out
+}
+
 /// Squared error, sum(g * x) and sum(g * g) of the nearest-grid assignment at scale `d` (nonzero)
 /// of `N` weights, `N` a multiple of 8.
 #[inline(always)]
@@ -334,11 +349,9 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
         b[2..BLOCK_BYTES].fill(0);
         return;
     }
-    let id = 1.0 / d;
+    let n = nearest_indices(x, 1.0 / d);
     for j in 0..QK / 2 {
-        let lo = nearest_index(x[j] * id);
-        let hi = nearest_index(x[j + QK / 2] * id);
-        b[2 + j] = lo | (hi << 4);
+        b[2 + j] = n[j] | (n[j + QK / 2] << 4);
     }
 }
 
@@ -490,6 +503,12 @@ mod tests {
                         "avx512 candidate sums, block {i}"
                     );
                     if N % 16 == 0 {
+                        for d in [d0, d1, d2] {
+                            let want: Vec<u8> =
+                                x.iter().map(|&v| nearest_index(v * (1.0 / d))).collect();
+                            let got = unsafe { avx512::nearest_indices(x, 1.0 / d) };
+                            assert_eq!(got.to_vec(), want, "avx512 nibbles, block {i}");
+                        }
                         let one = unsafe { avx512::evaluate_m(x, [d0]) };
                         let two = unsafe { avx512::evaluate_m(x, [d1, d2]) };
                         let got = [bits3(one[0]), bits3(two[0]), bits3(two[1])];

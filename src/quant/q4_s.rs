@@ -30,7 +30,7 @@
 //! integers either side of `a[j] / d`, then `d` refit by least squares over the super-block and the
 //! integers chosen again while the squared error falls.
 
-use super::iq4_nl::{evaluate2, nearest_index, search_scales};
+use super::iq4_nl::{evaluate2, nearest_indices, search_scales};
 use super::{f16_round, f16_scale, IQ4_NL_GRID};
 
 /// Weights per super-block.
@@ -184,10 +184,10 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
         if c == 0.0 {
             continue; // nibbles stay 0; the scale makes them zeros
         }
-        let ic = 1.0 / c;
+        let n = nearest_indices(&subs[j], 1.0 / c);
         let (blk, shift) = (j / 2, 4 * (j % 2));
         for l in 0..SUB {
-            b[16 + 16 * blk + l] |= nearest_index(subs[j][l] * ic) << shift;
+            b[16 + 16 * blk + l] |= n[l] << shift;
         }
     }
 }

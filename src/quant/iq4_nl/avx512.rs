@@ -51,6 +51,13 @@ const GRID_F32: [f32; 16] = {
 #[target_feature(enable = "avx512f")]
 #[inline]
 pub(super) unsafe fn lookup(t: __m512) -> __m512 {
+    _mm512_permutexvar_ps(lookup_index(t), _mm512_loadu_ps(GRID_F32.as_ptr()))
+}
+
+/// `CELL_INDEX[trunc(t)]` for each lane, `t` in [0, NCELLS) and not NaN.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn lookup_index(t: __m512) -> __m512i {
     let ge = |a: __m512, b: __m512| _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, b);
     let mut i = _mm512_maskz_mov_epi32(ge(t, _mm512_set1_ps(BOUNDS[7])), _mm512_set1_epi32(8));
     let thr = _mm512_permutexvar_ps(i, _mm512_loadu_ps(STEP4.as_ptr()));
@@ -58,8 +65,25 @@ pub(super) unsafe fn lookup(t: __m512) -> __m512 {
     let thr = _mm512_permutexvar_ps(i, _mm512_loadu_ps(STEP2.as_ptr()));
     i = _mm512_mask_add_epi32(i, ge(t, thr), i, _mm512_set1_epi32(2));
     let thr = _mm512_permutexvar_ps(i, _mm512_loadu_ps(STEP1.as_ptr()));
-    i = _mm512_mask_add_epi32(i, ge(t, thr), i, _mm512_set1_epi32(1));
-    _mm512_permutexvar_ps(i, _mm512_loadu_ps(GRID_F32.as_ptr()))
+    _mm512_mask_add_epi32(i, ge(t, thr), i, _mm512_set1_epi32(1))
+}
+
+/// `nearest_indices`, `N` a multiple of 16.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn nearest_indices<const N: usize>(x: &[f32; N], id: f32) -> [u8; N] {
+    let (two, off) = (_mm512_set1_ps(2.0), _mm512_set1_ps(CELL_OFFSET));
+    let (zero, top) = (_mm512_setzero_ps(), _mm512_set1_ps((NCELLS - 1) as f32));
+    let id = _mm512_set1_ps(id);
+    let mut out = [0u8; N];
+    for c in 0..N / 16 {
+        let v = _mm512_loadu_ps(x.as_ptr().add(16 * c));
+        let t = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(v, id), two), off);
+        let t = _mm512_min_ps(_mm512_max_ps(t, zero), top);
+        let i = _mm512_cvtepi32_epi8(lookup_index(t));
+        _mm_storeu_si128(out.as_mut_ptr().add(16 * c) as *mut __m128i, i);
+    }
+    out
 }
 
 /// `candidate_sums`: the 12 candidates in lanes 0..12 (lanes 12..16 are computed at cell
