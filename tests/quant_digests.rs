@@ -99,7 +99,7 @@ fn weights(c: &Case) -> Vec<f32> {
         }
         Outliers => {
             for v in w.iter_mut() {
-                if rng.next_u64() % 97 == 0 {
+                if rng.next_u64().is_multiple_of(97) {
                     *v *= 40.0;
                 }
             }

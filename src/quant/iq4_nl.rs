@@ -26,7 +26,7 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn use_avx512<const N: usize>() -> bool {
-    N % 16 == 0 && std::arch::is_x86_feature_detected!("avx512f")
+    N.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f")
 }
 
 pub const BLOCK_BYTES: usize = 2 + QK / 2;
@@ -502,7 +502,7 @@ mod tests {
                         bits(reference),
                         "avx512 candidate sums, block {i}"
                     );
-                    if N % 16 == 0 {
+                    if N.is_multiple_of(16) {
                         for d in [d0, d1, d2] {
                             let want: Vec<u8> =
                                 x.iter().map(|&v| nearest_index(v * (1.0 / d))).collect();

@@ -140,8 +140,8 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
         }
     }
     let mut amax = 0f32;
-    for j in 0..NSUB {
-        amax = amax.max(a[j].abs());
+    for &aj in &a {
+        amax = amax.max(aj.abs());
     }
     b.fill(0);
     if amax < TINY {
