@@ -75,11 +75,24 @@ fn quantize_row_impl<const AVX2: bool>(row: &[f32], out: &mut [u8]) {
 
 pub fn quantize_row(row: &[f32], out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, as just checked.
-        return unsafe { quantize_row_avx2(row, out) };
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, as just checked.
+            return unsafe { quantize_row_avx512(row, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, as just checked.
+            return unsafe { quantize_row_avx2(row, out) };
+        }
     }
     quantize_row_impl::<false>(row, out)
+}
+
+/// The AVX2 search compiled with AVX-512 allowed, which the scalar glue between its kernels uses.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_row_avx512(row: &[f32], out: &mut [u8]) {
+    quantize_row_impl::<true>(row, out)
 }
 
 #[cfg(target_arch = "x86_64")]
