@@ -307,8 +307,30 @@ fn median(v: &[f64]) -> f64 {
     if n % 2 == 1 { s[n / 2] } else { 0.5 * (s[n / 2 - 1] + s[n / 2]) }
 }
 
-#[test]
-fn lowbit_experts_against_ggml() {
+/// Input channels of the experts made outliers: `channels` evenly spaced columns of every
+/// layer's pre-MoE norm scale multiplied by `gain`, as real models' residual streams have a few
+/// channels far larger than the rest. Random synthetic models have none, so an importance
+/// matrix of them is nearly flat and calibration has nothing to find.
+#[derive(Clone, Copy)]
+struct OutlierChannels {
+    channels: usize,
+    gain: f32,
+}
+
+fn skew(w: &mut Weights, o: Option<OutlierChannels>) {
+    let Some(o) = o else { return };
+    for lw in &mut w.layers {
+        let d = lw.ffn_norm.len();
+        for i in 0..o.channels {
+            lw.ffn_norm[i * d / o.channels + 7] *= o.gain;
+        }
+    }
+}
+
+/// Pooled KL at every position: `[quantizer][without, with imatrix]`.
+type Pooled = Vec<[Vec<f64>; 2]>;
+
+fn compare_quantizers(outliers: Option<OutlierChannels>) -> Pooled {
     let seeds: Vec<u64> = std::env::var("KL_SEEDS")
         .unwrap_or("1".into())
         .split(',')
@@ -324,13 +346,18 @@ fn lowbit_experts_against_ggml() {
         grok1::synth::write(&preset, tmp.path(), &SynthOptions { seed, ..Default::default() }, &|_| {}).unwrap();
         let src = SafetensorsSource::open(tmp.path()).unwrap();
         let c = src.config().clone();
-        let lossless = Weights::from_source(&src, QuantType::Bf16, QuantType::F32).unwrap();
+        let load = || {
+            let mut w = Weights::from_source(&src, QuantType::Bf16, QuantType::F32).unwrap();
+            skew(&mut w, outliers);
+            w
+        };
+        let lossless = load();
         let eval = tokens(n_pos, c.vocab_size, 12345 + seed);
         let calib = tokens(n_calib, c.vocab_size, 777 + seed);
 
         // The calibration pass is the model's forward pass: its logits must be the model's.
         let (imatrix, calib_logits) = calibrate(&c, &lossless, &calib);
-        let model_calib = model_logits(&c, Weights::from_source(&src, QuantType::Bf16, QuantType::F32).unwrap(), &calib);
+        let model_calib = model_logits(&c, load(), &calib);
         let worst = calib_logits.iter().zip(&model_calib).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-3, "calibration forward differs from the model's: max |d logit| {worst}");
 
@@ -340,7 +367,7 @@ fn lowbit_experts_against_ggml() {
         let reference = model_logits(&c, lossless, &eval);
         for (qi, &q) in QUANTIZERS.iter().enumerate() {
             for with_imatrix in [false, true] {
-                let mut w = Weights::from_source(&src, QuantType::Bf16, QuantType::F32).unwrap();
+                let mut w = load();
                 for l in 0..c.n_layers {
                     for e in 0..c.n_experts {
                         for (pi, &p) in PROJS.iter().enumerate() {
@@ -365,18 +392,22 @@ fn lowbit_experts_against_ggml() {
         eprintln!("seed {seed}: {:.1} s", start.elapsed().as_secs_f64());
     }
 
-    let mean_of = |q: Quantizer, i: usize| mean(&kl[QUANTIZERS.iter().position(|&x| x == q).unwrap()][i]);
-    println!(
-        "\nExperts quantized then decoded to f32, dense bf16; KL against the lossless model, {} positions \
-         (seeds {seeds:?}, {n_pos} each); imatrix from {n_calib} other tokens per seed.",
-        kl[0][0].len()
-    );
+    print_table(&kl, &format!("seeds {seeds:?}, {n_pos} positions each; imatrix from {n_calib} other tokens per seed"));
+    kl
+}
+
+fn mean_of(kl: &Pooled, q: Quantizer, i: usize) -> f64 {
+    mean(&kl[QUANTIZERS.iter().position(|&x| x == q).unwrap()][i])
+}
+
+fn print_table(kl: &Pooled, what: &str) {
+    println!("\nExperts quantized then decoded to f32, dense bf16; KL against the lossless model, {} positions ({what}).", kl[0][0].len());
     println!("| type | bits/weight | imatrix | mean KL | median KL | ours / this (mean KL) |");
     println!("|------|------------:|---------|--------:|----------:|----------------------:|");
     for i in 0..2 {
         for (qi, &q) in QUANTIZERS.iter().enumerate() {
             let m = mean(&kl[qi][i]);
-            let ratio = mean_of(q.ours(), i) / m;
+            let ratio = mean_of(kl, q.ours(), i) / m;
             let vs = if q == q.ours() { "1".to_string() } else { format!("{ratio:.3} ({} / {})", q.ours().name(), q.name()) };
             println!(
                 "| {} | {:.4} | {} | {:.4e} | {:.4e} | {vs} |",
@@ -389,19 +420,33 @@ fn lowbit_experts_against_ggml() {
         }
     }
     for q in QUANTIZERS {
-        println!("{}: imatrix changes the mean KL by {:.3}x", q.name(), mean_of(q, 1) / mean_of(q, 0));
+        println!("{}: imatrix changes the mean KL by {:.3}x", q.name(), mean_of(kl, q, 1) / mean_of(kl, q, 0));
     }
+}
 
-    // The bar: at no more bits per weight, below ggml's types of the same class.
+/// The bar: at no more bits per weight, below ggml's types of the same class. Measured over
+/// seeds 1-5, 1,024 positions each (`formats/blocks.md` has the table): q3_s 0.930x Q3_K's and
+/// 0.873x IQ3_S's mean KL, q2_s 0.842x Q2_K's (with an imatrix for both sides: 0.980x, 1.128x
+/// and 0.930x).
+#[test]
+fn lowbit_experts_against_ggml() {
+    let kl = compare_quantizers(None);
     for (ours, theirs) in [(Q3S, "Q3_K"), (Q3S, "IQ3_S"), (Q2S, "Q2_K")] {
         let t = *QUANTIZERS.iter().find(|q| q.name() == theirs).unwrap();
         assert!(ours.bits_per_weight() <= t.bits_per_weight());
-        assert!(
-            mean_of(ours, 0) < mean_of(t, 0),
-            "{}: mean KL {:.4e} not below {theirs}'s {:.4e}",
-            ours.name(),
-            mean_of(ours, 0),
-            mean_of(t, 0)
-        );
+        let (a, b) = (mean_of(&kl, ours, 0), mean_of(&kl, t, 0));
+        assert!(a < b, "{}: mean KL {a:.4e} not below {theirs}'s {b:.4e}", ours.name());
+    }
+}
+
+/// The same with outlier input channels (8 of 768, 8 times larger), where an importance matrix
+/// has something to find: with it, each of ours must do better than without. Measured (seed 1,
+/// 512 positions): q3_s 0.837x and q2_s 0.842x their KL without.
+#[test]
+fn lowbit_experts_with_outlier_channels() {
+    let kl = compare_quantizers(Some(OutlierChannels { channels: 8, gain: 8.0 }));
+    for q in [Q3S, Q2S] {
+        let (with, without) = (mean_of(&kl, q, 1), mean_of(&kl, q, 0));
+        assert!(with < without, "{}: mean KL with imatrix {with:.4e}, without {without:.4e}", q.name());
     }
 }
