@@ -16,6 +16,8 @@
 //! `KL_SEEDS` (default `1`; the full measurement is `1,2,3,4,5`), `KL_TOKENS` (positions per
 //! seed, default 512; full 1024) and `KL_CALIB_TOKENS` (default 512) set the size.
 
+#![cfg(feature = "ggml")]
+
 mod common;
 
 use ggml_sys_bleedingedge as ggml;
