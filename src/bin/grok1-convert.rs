@@ -10,6 +10,62 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Instant;
 
+mod calibration {
+    //! The convert command's calibration and size-target options.
+
+    use anyhow::{Context, Result};
+    use grok1::calib::Origin;
+    use grok1::format::manifest::CalibrationUsed;
+    use grok1::target_size::TargetChoice;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    /// Read a calibration for a model of config `c`, with the manifest's record of it.
+    pub fn load(path: &Path, c: &grok1::GrokConfig) -> Result<(Arc<grok1::calib::Calibration>, CalibrationUsed)> {
+        let cal = grok1::calib::load(path, c).with_context(|| format!("reading calibration {}", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let used = CalibrationUsed {
+            file: path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            sha256: grok1::format::writer::sha256_hex(&bytes),
+            kind: match cal.origin {
+                Origin::Recorded => "grok1",
+                Origin::Imatrix => "imatrix",
+            }
+            .into(),
+            dataset: cal.dataset.clone(),
+            routing: cal.has_routing(),
+        };
+        eprintln!(
+            "calibration: {} ({}, {}{})",
+            used.file,
+            used.kind,
+            if cal.tokens > 0 { format!("{} tokens of ", cal.tokens) } else { String::new() },
+            if used.dataset.is_empty() { "unnamed text" } else { &used.dataset }
+        );
+        Ok((Arc::new(cal), used))
+    }
+
+    /// What `--target-size` chose.
+    pub fn print_mix(ch: &TargetChoice, c: &grok1::GrokConfig) {
+        let weights = (3 * c.d_model * c.ffn_size * c.n_layers * c.n_experts) as f64;
+        let parts: Vec<String> = ch
+            .mix
+            .candidates
+            .iter()
+            .map(|q| format!("{} {q}", ch.types.iter().filter(|t| *t == q).count()))
+            .collect();
+        eprintln!(
+            "target {:.3} GB: experts {} ({:.3} bits per expert weight); planned {:.3} GB dense + {:.3} GB experts = {:.3} GB",
+            ch.mix.target_bytes as f64 / 1e9,
+            parts.join(", "),
+            ch.expert_bytes as f64 * 8.0 / weights,
+            ch.dense_bytes as f64 / 1e9,
+            ch.expert_bytes as f64 / 1e9,
+            (ch.dense_bytes + ch.expert_bytes) as f64 / 1e9
+        );
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "grok1-convert", version, about = "Convert Grok-1 checkpoints to the grok1 chunked format")]
 struct Cli {
@@ -45,6 +101,17 @@ enum Cmd {
         /// Hyper-parameters for checkpoints that do not carry them (ckpt-0).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// A calibration (`grok1-run calibrate`, or a llama.cpp imatrix .dat): column importances
+        /// for the expert quantizers that take them, routing frequencies for --target-size.
+        #[arg(long)]
+        calibration: Option<PathBuf>,
+        /// Choose a type per expert so that the shards total at most this (e.g. 110GB), the
+        /// most-routed experts getting the more precise types; --experts is then unused.
+        #[arg(long, value_parser = parse_size_arg)]
+        target_size: Option<u64>,
+        /// The types --target-size chooses from (default: q8_0,q4_s).
+        #[arg(long, value_delimiter = ',')]
+        candidates: Option<Vec<QuantType>>,
     },
     /// Recompute every checksum of a converted model.
     Verify {
@@ -80,6 +147,10 @@ enum Cmd {
     },
 }
 
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    grok1::size::parse_size(s).map_err(|e| e.to_string())
+}
+
 fn bar(total: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(total);
     pb.set_style(
@@ -100,7 +171,9 @@ fn main() {
 
 fn run() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Convert { src, dst, experts, dense, threads, resume, compress, shard_mib, config } => {
+        Cmd::Convert {
+            src, dst, experts, dense, threads, resume, compress, shard_mib, config, calibration, target_size, candidates,
+        } => {
             let source = grok1::checkpoint::open(&src, config.as_deref())
                 .with_context(|| format!("reading checkpoint {}", src.display()))?;
             eprintln!("source: {}", source.describe());
@@ -117,6 +190,20 @@ fn run() -> Result<()> {
             };
             if let Some(t) = threads {
                 opts.threads = t;
+            }
+            if candidates.is_some() && target_size.is_none() {
+                bail!("--candidates is for --target-size");
+            }
+            if let Some(path) = &calibration {
+                opts.calibration = Some(calibration::load(path, source.config())?);
+            }
+            if let Some(target) = target_size {
+                let cands = candidates.unwrap_or_else(|| grok1::calib::allocate::DEFAULT_CANDIDATES.to_vec());
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(opts.threads.max(1)).build()?;
+                let cal = opts.calibration.as_ref().map(|(c, _)| &**c);
+                let choice = pool.install(|| grok1::target_size::choose(source.as_ref(), &opts, target, &cands, cal))?;
+                calibration::print_mix(&choice, source.config());
+                choice.apply(&mut opts);
             }
             let start = Instant::now();
             let mut pb: Option<ProgressBar> = None;
