@@ -144,6 +144,10 @@ enum Cmd {
         /// Do not write a synthetic tokenizer.model.
         #[arg(long)]
         no_tokenizer: bool,
+        /// Skew the routing so a few experts per layer take most tokens (0: even; 3: the
+        /// favourite takes about a third of a layer's choices).
+        #[arg(long, default_value_t = 0.0)]
+        routing_skew: f64,
     },
 }
 
@@ -294,12 +298,40 @@ fn run() -> Result<()> {
                 println!("{:<30} {:>8} {:>16} {:>14} {:>8.3}", k.class, k.tensors, k.params, k.bytes, k.bits_per_weight);
             }
             println!("weight bytes per decoded token: {:.3} GB", i.bytes_per_token as f64 / 1e9);
+            if let Some(mix) = &i.expert_mix {
+                let cands: Vec<String> = mix.candidates.iter().map(|q| q.to_string()).collect();
+                println!(
+                    "expert mix:  chosen per expert for a target of {:.3} GB from {}; {:.3} bits per expert weight",
+                    mix.target_bytes as f64 / 1e9,
+                    cands.join(", "),
+                    i.expert_bits_per_weight
+                );
+            }
+            if i.expert_types.len() > 1 || i.expert_mix.is_some() {
+                println!("{:<30} {:>8} {:>16} {:>14} {:>8}", "expert type", "experts", "params", "bytes", "bits/w");
+                for s in &i.expert_types {
+                    println!("{:<30} {:>8} {:>16} {:>14} {:>8.3}", s.qtype, s.experts, s.params, s.bytes, s.bits_per_weight);
+                }
+            }
+            if let Some(c) = &i.calibration {
+                println!(
+                    "calibration: {} ({}{}), sha256 {}",
+                    c.file,
+                    c.kind,
+                    if c.dataset.is_empty() { String::new() } else { format!(", on {}", c.dataset) },
+                    c.sha256
+                );
+            }
             Ok(())
         }
-        Cmd::Synth { preset, out, seed, naming, shard_mib, lm_head, no_tokenizer } => {
-            let Some(p) = grok1::synth::Preset::by_name(&preset) else {
+        Cmd::Synth { preset, out, seed, naming, shard_mib, lm_head, no_tokenizer, routing_skew } => {
+            let Some(mut p) = grok1::synth::Preset::by_name(&preset) else {
                 bail!("unknown preset `{preset}`; presets: {}", grok1::synth::Preset::NAMES.join(", "));
             };
+            if !(routing_skew.is_finite() && routing_skew >= 0.0) {
+                bail!("--routing-skew {routing_skew}: expected a number >= 0");
+            }
+            p.init.routing_skew = routing_skew;
             let tokenizer_model = if no_tokenizer {
                 None
             } else if p.config.vocab_size < grok1::tokenizer::synth::MIN_VOCAB {

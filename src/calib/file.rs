@@ -49,7 +49,12 @@ pub fn encode(cal: &Calibration) -> Vec<u8> {
 
 /// Write `cal` to `path` (under a temporary name, renamed when complete).
 pub fn save(cal: &Calibration, path: &Path) -> Result<()> {
-    write_atomic(path, &encode(cal))
+    // A bare file name lives in the current directory, which is what gets fsynced.
+    let path = match path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new(".").join(path),
+        _ => path.to_path_buf(),
+    };
+    write_atomic(&path, &encode(cal))
 }
 
 /// Read our calibration file; every field is checked and errors name `path`.

@@ -67,7 +67,9 @@ impl Model {
         if weights.layers.iter().any(|l| l.experts.is_empty()) {
             return Err(Error::Invalid("the weights hold no experts: use Model::with_store".into()));
         }
-        let expert_bytes = weights.layers.first().map_or(0, |l| l.experts[0].nbytes());
+        // The mean: experts may have different types (a size-targeted conversion).
+        let all = weights.layers.iter().flat_map(|l| &l.experts);
+        let expert_bytes = all.clone().map(|x| x.nbytes()).sum::<usize>() / all.count().max(1);
         Model::build(config, weights, None, expert_bytes)
     }
 
