@@ -14,7 +14,8 @@
 //! residency    which expert lives where (RAM within a budget, or disk), reads, prefetch; plan
 //! kernels      dot products and matrix products per CPU feature set
 //! gpu          dense weights and hot experts on an NVIDIA GPU (feature `cuda`)
-//! model        the Grok-1 forward pass, readable top to bottom
+//! model        the Grok-1 forward pass, readable top to bottom, over a backend seam
+//! placement    which backend a run gets: the CPU, or a device holding dense + hot experts
 //! tokenizer    SentencePiece BPE, text in, text out
 //! ```
 //!
@@ -31,6 +32,7 @@ pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod npy;
+pub mod placement;
 pub mod quant;
 pub mod residency;
 pub mod sampling;

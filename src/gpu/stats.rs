@@ -16,6 +16,9 @@ pub struct GpuStats {
     pub h2d_bytes: u64,
     /// Bytes copied device to host (router inputs, logits).
     pub d2h_bytes: u64,
+    /// Copies each way (each `add_*_floats` is one).
+    pub h2d_copies: u64,
+    pub d2h_copies: u64,
     /// Device time of the GPU's work (event timing).
     pub gpu_seconds: f64,
     /// Wall time the CPU spent on its experts.
@@ -29,6 +32,8 @@ pub struct GpuReport {
     pub gpu_experts_per_token: f64,
     pub pcie_h2d_bytes_per_token: f64,
     pub pcie_d2h_bytes_per_token: f64,
+    pub pcie_h2d_copies_per_token: f64,
+    pub pcie_d2h_copies_per_token: f64,
     pub gpu_ms_per_token: f64,
     pub cpu_expert_ms_per_token: f64,
 }
@@ -41,13 +46,15 @@ impl GpuStats {
         self.experts_on_gpu += on_gpu;
     }
 
-    /// `n` f32 values copied each way.
+    /// One copy of `n` f32 values, each way.
     pub fn add_h2d_floats(&mut self, n: usize) {
         self.h2d_bytes += 4 * n as u64;
+        self.h2d_copies += 1;
     }
 
     pub fn add_d2h_floats(&mut self, n: usize) {
         self.d2h_bytes += 4 * n as u64;
+        self.d2h_copies += 1;
     }
 
     pub fn report(&self) -> GpuReport {
@@ -57,6 +64,8 @@ impl GpuStats {
             gpu_experts_per_token: self.experts_on_gpu as f64 / t,
             pcie_h2d_bytes_per_token: self.h2d_bytes as f64 / t,
             pcie_d2h_bytes_per_token: self.d2h_bytes as f64 / t,
+            pcie_h2d_copies_per_token: self.h2d_copies as f64 / t,
+            pcie_d2h_copies_per_token: self.d2h_copies as f64 / t,
             gpu_ms_per_token: 1e3 * self.gpu_seconds / t,
             cpu_expert_ms_per_token: 1e3 * self.cpu_expert_seconds / t,
         }
@@ -73,6 +82,8 @@ impl std::ops::Sub for GpuStats {
             experts_on_gpu: self.experts_on_gpu - before.experts_on_gpu,
             h2d_bytes: self.h2d_bytes - before.h2d_bytes,
             d2h_bytes: self.d2h_bytes - before.d2h_bytes,
+            h2d_copies: self.h2d_copies - before.h2d_copies,
+            d2h_copies: self.d2h_copies - before.d2h_copies,
             gpu_seconds: self.gpu_seconds - before.gpu_seconds,
             cpu_expert_seconds: self.cpu_expert_seconds - before.cpu_expert_seconds,
         }

@@ -42,13 +42,18 @@ struct BenchReport {
     roofline_tok_s: f64,
     /// Expert residency statistics, when experts are streamed (`--ram-budget`).
     experts: Option<grok1::residency::StoreStats>,
+    /// Where the run was placed (device, budget, what it holds), or why it is on the CPU.
+    placement: String,
+    /// Per decoded token, when a device is used: experts it computed, bytes and copies each
+    /// way over the bus, device time.
+    gpu: Option<grok1::gpu::stats::GpuReport>,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
     if a.prompt_tokens == 0 || a.gen_tokens == 0 {
         bail!("--prompt-tokens and --gen-tokens must be at least 1");
     }
-    let loaded = load(&a.model)?;
+    let loaded = load(&a.model, Some(a.prompt_tokens + a.gen_tokens + 1))?;
     let model = &loaded.model;
     let config = model.config().clone();
     let threads = grok1::kernels::threads();
@@ -76,16 +81,18 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     // One untimed step so first-touch costs do not count.
     model.decode_into(next, &mut cache, &mut logits)?;
     next = argmax(&logits);
+    let gpu_before = model.gpu_stats();
     let t1 = Instant::now();
     for _ in 0..a.gen_tokens {
         model.decode_into(next, &mut cache, &mut logits)?;
         next = argmax(&logits);
     }
     let decode_s = t1.elapsed().as_secs_f64();
+    let gpu = model.gpu_stats().zip(gpu_before).map(|(after, before)| (after - before).report());
     let after = grok1::kernels::measure_read_bandwidth(threads);
     let bandwidth = (before + after) / 2.0;
 
-    let bytes = model.decode_weight_bytes() as u64;
+    let bytes = model.model().decode_weight_bytes() as u64;
     let decode_tok_s = a.gen_tokens as f64 / decode_s;
     let decode_gb_s = bytes as f64 * decode_tok_s / 1e9;
     let r = BenchReport {
@@ -102,7 +109,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         read_bandwidth_after_gb_s: after / 1e9,
         roofline_fraction: decode_gb_s * 1e9 / bandwidth,
         roofline_tok_s: bandwidth / bytes as f64,
-        experts: model.store().map(|s| s.stats()),
+        experts: model.model().store().map(|s| s.stats()),
+        placement: loaded.placement.clone(),
+        gpu,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -124,6 +133,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         );
         if let Some(s) = &r.experts {
             println!("{}", s.summary());
+        }
+        if let Some(g) = &r.gpu {
+            println!(
+                "device:         {:.0}% of chosen experts, {:.0} B in and {:.0} B out per token ({:.1} and {:.1} copies), {:.3} ms per token",
+                100.0 * g.gpu_expert_hit_rate,
+                g.pcie_h2d_bytes_per_token,
+                g.pcie_d2h_bytes_per_token,
+                g.pcie_h2d_copies_per_token,
+                g.pcie_d2h_copies_per_token,
+                g.gpu_ms_per_token
+            );
         }
     }
     Ok(())

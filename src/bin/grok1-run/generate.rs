@@ -40,7 +40,7 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let loaded = load(&a.model)?;
+    let loaded = load(&a.model, None)?;
     let model = &loaded.model;
     let config = model.config().clone();
     let tok = match &a.prompt {
@@ -116,7 +116,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         decode_s,
         if decode_s > 0.0 { decoded as f64 / decode_s } else { 0.0 }
     );
-    if let Some(store) = model.store() {
+    if let Some(store) = model.model().store() {
         eprintln!("{}", store.stats().summary());
     }
     Ok(())
@@ -139,10 +139,10 @@ pub struct LogitsArgs {
 }
 
 pub fn logits(a: LogitsArgs) -> Result<()> {
-    let loaded = load(&a.model)?;
+    let tokens = parse_tokens(&a.tokens)?;
+    let loaded = load(&a.model, Some(tokens.len().max(1)))?;
     let model = &loaded.model;
     let config = model.config();
-    let tokens = parse_tokens(&a.tokens)?;
     if tokens.is_empty() {
         bail!("no tokens given");
     }

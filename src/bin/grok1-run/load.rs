@@ -4,6 +4,7 @@ use crate::ModelArgs;
 use anyhow::{Context, Result};
 use grok1::format::ConvertedModel;
 use grok1::model::Model;
+use grok1::placement::{DeviceChoice, PlacedModel};
 use grok1::tokenizer::Tokenizer;
 use grok1::residency::{ExpertStore, StoreOptions};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -11,7 +12,9 @@ use std::sync::Arc;
 
 pub struct Loaded {
     pub files: Arc<ConvertedModel>,
-    pub model: Model,
+    pub model: PlacedModel,
+    /// Where it runs, as printed.
+    pub placement: String,
 }
 
 pub fn set_threads(threads: Option<usize>) {
@@ -19,7 +22,9 @@ pub fn set_threads(threads: Option<usize>) {
     grok1::kernels::set_threads(n);
 }
 
-pub fn load(args: &ModelArgs) -> Result<Loaded> {
+/// Load the model and place it as `--gpu-budget` / `--emulate-gpu` ask, for runs of up to
+/// `context` positions (default: the model's maximum), printing where it runs.
+pub fn load(args: &ModelArgs, context: Option<usize>) -> Result<Loaded> {
     set_threads(args.threads);
     let files = Arc::new(
         ConvertedModel::open(&args.model).with_context(|| format!("opening model {}", args.model.display()))?,
@@ -50,7 +55,15 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
         pb.finish_and_clear();
         Model::new(files.config().clone(), weights)?
     };
-    Ok(Loaded { files, model })
+    let choice = match (args.emulate_gpu, args.gpu_budget) {
+        (Some(budget), _) => DeviceChoice::Emulated { budget },
+        (None, budget) => DeviceChoice::Gpu { budget },
+    };
+    let context = context.unwrap_or(files.config().max_seq_len);
+    // Scratch for prefill batches of the whole context, up to 512 tokens at once.
+    let (model, line) = PlacedModel::place(model, &files, choice, context, context.min(512))?;
+    eprintln!("{line}");
+    Ok(Loaded { files, model, placement: line })
 }
 
 /// The model's tokenizer, checked against the manifest's sha256.

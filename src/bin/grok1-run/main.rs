@@ -43,6 +43,14 @@ pub struct ModelArgs {
     /// Do not prefetch the next layer's likely experts.
     #[arg(long)]
     pub no_prefetch: bool,
+    /// Device memory the GPU may take for the dense weights, KV cache and the hottest experts
+    /// (e.g. 20G; 0 keeps the GPU out). Default: the device's free memory less a margin.
+    #[arg(long, value_parser = parse_size_arg)]
+    pub gpu_budget: Option<u64>,
+    /// Run on a device emulated by the CPU, of this many bytes (its own buffers, counted
+    /// copies, the CPU's kernels): the GPU schedule without a GPU, for tests.
+    #[arg(long, value_parser = parse_size_arg, conflicts_with = "gpu_budget")]
+    pub emulate_gpu: Option<u64>,
 }
 
 /// Sizes on the command line (`24GB`, `512MiB`), as `grok1::size::parse_size` reads them.
