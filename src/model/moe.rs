@@ -129,7 +129,7 @@ pub fn moe<B: Backend>(
                 members_of(e, chosen, k, members);
                 expert_rows(x, xh, members, acc, scratch);
                 if let Some(o) = observer {
-                    o.expert_ran(layer, e, xh, members, &scratch.gate[..members.len() * x.gate.rows]);
+                    o.expert_ran(layer, e, xh, members, scratch.hidden(members.len(), x.gate.rows));
                 }
             }
             Ok(())

@@ -33,8 +33,9 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
     if a.ctx == 0 {
         bail!("--ctx must be at least 1");
     }
-    let loaded = load(&a.model)?;
-    let model = &loaded.model;
+    let loaded = load(&a.model, Some(a.ctx))?;
+    // The observer sees the experts the host computes: calibration runs on the CPU.
+    let model = loaded.model.model();
     let config = model.config().clone();
     let tok = tokenizer(&loaded.files).context("calibration tokenizes its text with the model's tokenizer")?;
     let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
