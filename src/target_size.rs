@@ -109,3 +109,36 @@ pub fn choose(
         allocation,
     })
 }
+
+/// Relative squared error of `q` on Gaussian weights (4 rows of 4096, fixed seed): the error
+/// table `predict_mix` uses where no weights are at hand.
+pub fn gaussian_error(q: QuantType) -> f64 {
+    let cols = 4096;
+    let w = crate::quant::measure::sample(crate::quant::measure::Dist::Gaussian, 4 * cols, 7);
+    measure_rows(q, &w, cols, None)
+}
+
+/// What `--target-size` would choose for a model of config `c` with `dense` dense weights, from
+/// its shapes alone: uniform routing and the Gaussian error table (`gaussian_error`), every
+/// expert alike, so the answer is how many experts get each type. Returns (type, experts) in
+/// the order of `candidates` and the mean bytes of an expert.
+pub fn predict_mix(
+    c: &crate::config::GrokConfig,
+    dense: QuantType,
+    target_bytes: u64,
+    candidates: &[QuantType],
+) -> Result<(Vec<(QuantType, usize)>, u64)> {
+    use crate::residency::plan::{dense_bytes, expert_bytes};
+    let n = c.n_layers * c.n_experts;
+    let per_type = candidates.iter().map(|&q| expert_bytes(c, q)).collect::<Result<Vec<_>>>()?;
+    let errs: Vec<f64> = candidates.iter().map(|&q| gaussian_error(q)).collect();
+    let db = dense_bytes(c, dense)?;
+    let budget = target_bytes
+        .checked_sub(db)
+        .ok_or_else(|| Error::Invalid(format!("target {target_bytes} bytes is below the dense weights' {db} bytes alone")))?;
+    let experts = vec![ExpertCost { freq: 1.0 / c.n_experts as f64, err: errs }; n];
+    let problem = Problem { types: candidates.to_vec(), expert_bytes: per_type, experts, budget };
+    let a = allocate(&problem).map_err(|e| Error::Invalid(format!("target {target_bytes} bytes: {e}")))?;
+    let counts = (0..candidates.len()).map(|t| (candidates[t], a.choice.iter().filter(|&&x| x == t).count())).collect();
+    Ok((counts, a.bytes / n.max(1) as u64))
+}
