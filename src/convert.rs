@@ -10,11 +10,12 @@
 //! if its record matches this run's settings and its sha256 verifies. The manifest is written
 //! last, so a directory with a manifest is a finished conversion.
 
+use crate::calib::{quantize_row, Calibration};
 use crate::checkpoint::{Proj, SourceTensor, Tensor, TensorSource};
 use crate::error::{Error, IoContext, Result};
 use crate::format::manifest::{
-    ChunkTensor, Compression, DenseEntry, ExpertChunk, FileEntry, Manifest, QuantChoice,
-    ShardEntry, ShardKind,
+    CalibrationUsed, ChunkTensor, Compression, DenseEntry, ExpertChunk, ExpertMix, FileEntry, Manifest,
+    QuantChoice, ShardEntry, ShardKind,
 };
 use crate::format::writer::{fsync_dir, sha256_hex, tmp_path, write_atomic, ShardWriter};
 use crate::format::{
@@ -38,6 +39,12 @@ pub struct ConvertOptions {
     pub compression: Compression,
     /// Upper bound on a shard's size (a single chunk larger than this gets a shard of its own).
     pub shard_bytes: u64,
+    /// Column importances for the expert quantizers that take them, and what the manifest
+    /// records of where they came from.
+    pub calibration: Option<(Arc<Calibration>, CalibrationUsed)>,
+    /// A type per expert, layer-major, in place of `experts` (what `--target-size` chose), and
+    /// the target it was chosen for.
+    pub expert_types: Option<(Vec<QuantType>, ExpertMix)>,
 }
 
 impl Default for ConvertOptions {
@@ -49,6 +56,8 @@ impl Default for ConvertOptions {
             resume: false,
             compression: Compression::None,
             shard_bytes: 4 << 30,
+            calibration: None,
+            expert_types: None,
         }
     }
 }
@@ -156,14 +165,31 @@ fn elem_bytes(s: &SourceTensor) -> u64 {
     }
 }
 
-fn qtype_for(t: Tensor, opts: &ConvertOptions) -> QuantType {
-    if t.keeps_f32() {
-        QuantType::F32
-    } else if t.is_expert() {
-        opts.experts
-    } else {
-        opts.dense
+fn qtype_for(t: Tensor, opts: &ConvertOptions, n_experts: usize) -> QuantType {
+    match t {
+        _ if t.keeps_f32() => QuantType::F32,
+        Tensor::Expert { layer, expert, .. } => match &opts.expert_types {
+            Some((types, _)) => types[layer * n_experts + expert],
+            None => opts.experts,
+        },
+        _ => opts.dense,
     }
+}
+
+/// Bytes a conversion with `opts` writes, planned without reading a weight: the dense shards,
+/// and each expert's chunk with its alignment (layer-major). An upper bound on the shards'
+/// sizes: every item is counted padded to the chunk alignment.
+pub fn planned_bytes(src: &dyn TensorSource, opts: &ConvertOptions) -> Result<(u64, Vec<u64>)> {
+    let plan = plan(src, opts)?;
+    let (mut dense, mut experts) = (0u64, Vec::new());
+    for item in &plan.items {
+        let b = align_up(item.raw_bytes, CHUNK_ALIGN);
+        match item.kind {
+            ItemKind::Dense(_) => dense += b,
+            ItemKind::Expert { .. } => experts.push(b),
+        }
+    }
+    Ok((dense, experts))
 }
 
 fn plan(src: &dyn TensorSource, opts: &ConvertOptions) -> Result<Plan> {
@@ -171,7 +197,7 @@ fn plan(src: &dyn TensorSource, opts: &ConvertOptions) -> Result<Plan> {
     let make_part = |t: Tensor| -> Result<Part> {
         let s = src.tensor(t).ok_or_else(|| Error::bad_tensor(t.to_string(), "missing"))?;
         let (rows, cols) = (s.rows(), s.cols());
-        let qtype = qtype_for(t, opts).for_row(cols);
+        let qtype = qtype_for(t, opts, c.n_experts).for_row(cols);
         let row_bytes = qtype.row_bytes(cols).ok_or_else(|| {
             Error::bad_tensor(
                 t.to_string(),
@@ -245,11 +271,18 @@ fn plan(src: &dyn TensorSource, opts: &ConvertOptions) -> Result<Plan> {
 fn fingerprint(src: &dyn TensorSource, opts: &ConvertOptions) -> String {
     let tensors: Vec<(String, &Vec<usize>, &str)> =
         src.tensors().iter().map(|s| (s.tensor.to_string(), &s.shape, s.dtype.as_str())).collect();
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
         "experts": opts.experts, "dense": opts.dense, "compression": opts.compression,
         "shard_bytes": opts.shard_bytes, "config": src.config(), "tensors": tensors,
     });
+    // Only when used, so that a plain conversion's fingerprint is what it always was.
+    if let Some((_, used)) = &opts.calibration {
+        v["calibration"] = serde_json::json!(used.sha256);
+    }
+    if let Some((types, _)) = &opts.expert_types {
+        v["expert_types"] = serde_json::json!(types);
+    }
     sha256_hex(v.to_string().as_bytes())
 }
 
@@ -268,7 +301,13 @@ fn pieces_of(plan: &Plan, item: usize) -> Vec<Piece> {
 }
 
 /// Read, check and quantize one piece.
-fn run_piece(src: &dyn TensorSource, plan: &Plan, pc: &Piece, compression: Compression) -> Result<PieceOut> {
+fn run_piece(
+    src: &dyn TensorSource,
+    plan: &Plan,
+    pc: &Piece,
+    compression: Compression,
+    calibration: Option<&Calibration>,
+) -> Result<PieceOut> {
     let part = &plan.items[pc.item].parts[pc.part];
     let mut rows = vec![0f32; pc.nrows * part.cols];
     src.read_rows(part.tensor, pc.row0, &mut rows)?;
@@ -289,8 +328,12 @@ fn run_piece(src: &dyn TensorSource, plan: &Plan, pc: &Piece, compression: Compr
     }
     let pad = if pc.last_of_part { part.pad_after as usize } else { 0 };
     let mut raw = vec![0u8; pc.nrows * part.row_bytes + pad];
+    let importance = match (calibration, part.tensor) {
+        (Some(c), Tensor::Expert { layer, expert, proj }) => c.importance(layer, expert, proj),
+        _ => None,
+    };
     for (x, out) in rows.chunks_exact(part.cols).zip(raw.chunks_exact_mut(part.row_bytes)) {
-        part.qtype.quantize_row(x, out);
+        quantize_row(part.qtype, x, importance, out);
     }
     let mut kept = 0;
     if part.qtype == QuantType::Q8_0 {
@@ -399,6 +442,7 @@ pub fn convert(
         let plan_ref = &plan;
         let pieces_ref = &pieces;
         let compression = opts.compression;
+        let calibration = opts.calibration.as_ref().map(|(c, _)| &**c);
         scope.spawn(move || {
             // Input is requested this many pieces ahead of the window being quantized, so the
             // disk reads while we compute.
@@ -412,7 +456,7 @@ pub fn convert(
                 }
                 prefetched = prefetched.max(want);
                 let outs: Vec<Result<PieceOut>> = pool.install(|| {
-                    batch.par_iter().map(|pc| run_piece(src, plan_ref, pc, compression)).collect()
+                    batch.par_iter().map(|pc| run_piece(src, plan_ref, pc, compression, calibration)).collect()
                 });
                 for o in outs {
                     let failed = o.is_err();
@@ -546,13 +590,15 @@ pub fn convert(
         format: FORMAT_NAME.into(),
         version: FORMAT_VERSION,
         config: src.config().clone(),
-        quant: QuantChoice { dense: opts.dense, experts: opts.experts, compression: opts.compression },
+        quant: QuantChoice { dense: opts.dense, experts: main_expert_type(opts), compression: opts.compression },
         source: src.describe(),
         chunk_align: CHUNK_ALIGN,
         shards,
         dense,
         experts,
         tokenizer,
+        calibration: opts.calibration.as_ref().map(|(_, used)| used.clone()),
+        expert_mix: opts.expert_types.as_ref().map(|(_, mix)| mix.clone()),
     };
     manifest.check_consistent().map_err(|e| Error::Invalid(format!("internal: inconsistent manifest: {e}")))?;
     write_atomic(&dst.join(MANIFEST_FILE), &serde_json::to_vec_pretty(&manifest).unwrap())?;
@@ -576,6 +622,20 @@ pub fn convert(
             .map(|p| (p.rows * p.cols / crate::quant::QK) as u64)
             .sum(),
     })
+}
+
+/// The expert type the manifest names: the one asked for, or with a mix the one most experts
+/// have (the first candidate on ties); each tensor records its own.
+fn main_expert_type(opts: &ConvertOptions) -> QuantType {
+    let Some((types, mix)) = &opts.expert_types else { return opts.experts };
+    let count = |q: &QuantType| types.iter().filter(|t| *t == q).count();
+    let mut best = mix.candidates.first().copied().unwrap_or(opts.experts);
+    for q in &mix.candidates {
+        if count(q) > count(&best) {
+            best = *q;
+        }
+    }
+    best
 }
 
 fn shape_of(p: &Part) -> Vec<usize> {

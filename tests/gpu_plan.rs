@@ -119,6 +119,8 @@ fn manifest(c: &GrokConfig, dense_q: QuantType, expert_q: QuantType) -> Manifest
         dense,
         experts,
         tokenizer: None,
+        calibration: None,
+        expert_mix: None,
     }
 }
 

@@ -10,6 +10,62 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Instant;
 
+mod calibration {
+    //! The convert command's calibration and size-target options.
+
+    use anyhow::{Context, Result};
+    use grok1::calib::Origin;
+    use grok1::format::manifest::CalibrationUsed;
+    use grok1::target_size::TargetChoice;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    /// Read a calibration for a model of config `c`, with the manifest's record of it.
+    pub fn load(path: &Path, c: &grok1::GrokConfig) -> Result<(Arc<grok1::calib::Calibration>, CalibrationUsed)> {
+        let cal = grok1::calib::load(path, c).with_context(|| format!("reading calibration {}", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let used = CalibrationUsed {
+            file: path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            sha256: grok1::format::writer::sha256_hex(&bytes),
+            kind: match cal.origin {
+                Origin::Recorded => "grok1",
+                Origin::Imatrix => "imatrix",
+            }
+            .into(),
+            dataset: cal.dataset.clone(),
+            routing: cal.has_routing(),
+        };
+        eprintln!(
+            "calibration: {} ({}, {}{})",
+            used.file,
+            used.kind,
+            if cal.tokens > 0 { format!("{} tokens of ", cal.tokens) } else { String::new() },
+            if used.dataset.is_empty() { "unnamed text" } else { &used.dataset }
+        );
+        Ok((Arc::new(cal), used))
+    }
+
+    /// What `--target-size` chose.
+    pub fn print_mix(ch: &TargetChoice, c: &grok1::GrokConfig) {
+        let weights = (3 * c.d_model * c.ffn_size * c.n_layers * c.n_experts) as f64;
+        let parts: Vec<String> = ch
+            .mix
+            .candidates
+            .iter()
+            .map(|q| format!("{} {q}", ch.types.iter().filter(|t| *t == q).count()))
+            .collect();
+        eprintln!(
+            "target {:.3} GB: experts {} ({:.3} bits per expert weight); planned {:.3} GB dense + {:.3} GB experts = {:.3} GB",
+            ch.mix.target_bytes as f64 / 1e9,
+            parts.join(", "),
+            ch.expert_bytes as f64 * 8.0 / weights,
+            ch.dense_bytes as f64 / 1e9,
+            ch.expert_bytes as f64 / 1e9,
+            (ch.dense_bytes + ch.expert_bytes) as f64 / 1e9
+        );
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "grok1-convert", version, about = "Convert Grok-1 checkpoints to the grok1 chunked format")]
 struct Cli {
@@ -45,6 +101,17 @@ enum Cmd {
         /// Hyper-parameters for checkpoints that do not carry them (ckpt-0).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// A calibration (`grok1-run calibrate`, or a llama.cpp imatrix .dat): column importances
+        /// for the expert quantizers that take them, routing frequencies for --target-size.
+        #[arg(long)]
+        calibration: Option<PathBuf>,
+        /// Choose a type per expert so that the shards total at most this (e.g. 110GB), the
+        /// most-routed experts getting the more precise types; --experts is then unused.
+        #[arg(long, value_parser = parse_size_arg)]
+        target_size: Option<u64>,
+        /// The types --target-size chooses from (default: q8_0,q4_s).
+        #[arg(long, value_delimiter = ',')]
+        candidates: Option<Vec<QuantType>>,
     },
     /// Recompute every checksum of a converted model.
     Verify {
@@ -77,7 +144,15 @@ enum Cmd {
         /// Do not write a synthetic tokenizer.model.
         #[arg(long)]
         no_tokenizer: bool,
+        /// Skew the routing so a few experts per layer take most tokens (0: even; 3: the
+        /// favourite takes about a third of a layer's choices).
+        #[arg(long, default_value_t = 0.0)]
+        routing_skew: f64,
     },
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    grok1::size::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn bar(total: u64, what: &str) -> ProgressBar {
@@ -100,7 +175,9 @@ fn main() {
 
 fn run() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Convert { src, dst, experts, dense, threads, resume, compress, shard_mib, config } => {
+        Cmd::Convert {
+            src, dst, experts, dense, threads, resume, compress, shard_mib, config, calibration, target_size, candidates,
+        } => {
             let source = grok1::checkpoint::open(&src, config.as_deref())
                 .with_context(|| format!("reading checkpoint {}", src.display()))?;
             eprintln!("source: {}", source.describe());
@@ -117,6 +194,20 @@ fn run() -> Result<()> {
             };
             if let Some(t) = threads {
                 opts.threads = t;
+            }
+            if candidates.is_some() && target_size.is_none() {
+                bail!("--candidates is for --target-size");
+            }
+            if let Some(path) = &calibration {
+                opts.calibration = Some(calibration::load(path, source.config())?);
+            }
+            if let Some(target) = target_size {
+                let cands = candidates.unwrap_or_else(|| grok1::calib::allocate::DEFAULT_CANDIDATES.to_vec());
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(opts.threads.max(1)).build()?;
+                let cal = opts.calibration.as_ref().map(|(c, _)| &**c);
+                let choice = pool.install(|| grok1::target_size::choose(source.as_ref(), &opts, target, &cands, cal))?;
+                calibration::print_mix(&choice, source.config());
+                choice.apply(&mut opts);
             }
             let start = Instant::now();
             let mut pb: Option<ProgressBar> = None;
@@ -207,12 +298,40 @@ fn run() -> Result<()> {
                 println!("{:<30} {:>8} {:>16} {:>14} {:>8.3}", k.class, k.tensors, k.params, k.bytes, k.bits_per_weight);
             }
             println!("weight bytes per decoded token: {:.3} GB", i.bytes_per_token as f64 / 1e9);
+            if let Some(mix) = &i.expert_mix {
+                let cands: Vec<String> = mix.candidates.iter().map(|q| q.to_string()).collect();
+                println!(
+                    "expert mix:  chosen per expert for a target of {:.3} GB from {}; {:.3} bits per expert weight",
+                    mix.target_bytes as f64 / 1e9,
+                    cands.join(", "),
+                    i.expert_bits_per_weight
+                );
+            }
+            if i.expert_types.len() > 1 || i.expert_mix.is_some() {
+                println!("{:<30} {:>8} {:>16} {:>14} {:>8}", "expert type", "experts", "params", "bytes", "bits/w");
+                for s in &i.expert_types {
+                    println!("{:<30} {:>8} {:>16} {:>14} {:>8.3}", s.qtype, s.experts, s.params, s.bytes, s.bits_per_weight);
+                }
+            }
+            if let Some(c) = &i.calibration {
+                println!(
+                    "calibration: {} ({}{}), sha256 {}",
+                    c.file,
+                    c.kind,
+                    if c.dataset.is_empty() { String::new() } else { format!(", on {}", c.dataset) },
+                    c.sha256
+                );
+            }
             Ok(())
         }
-        Cmd::Synth { preset, out, seed, naming, shard_mib, lm_head, no_tokenizer } => {
-            let Some(p) = grok1::synth::Preset::by_name(&preset) else {
+        Cmd::Synth { preset, out, seed, naming, shard_mib, lm_head, no_tokenizer, routing_skew } => {
+            let Some(mut p) = grok1::synth::Preset::by_name(&preset) else {
                 bail!("unknown preset `{preset}`; presets: {}", grok1::synth::Preset::NAMES.join(", "));
             };
+            if !(routing_skew.is_finite() && routing_skew >= 0.0) {
+                bail!("--routing-skew {routing_skew}: expected a number >= 0");
+            }
+            p.init.routing_skew = routing_skew;
             let tokenizer_model = if no_tokenizer {
                 None
             } else if p.config.vocab_size < grok1::tokenizer::synth::MIN_VOCAB {

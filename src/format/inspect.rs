@@ -26,6 +26,23 @@ pub struct Inspection {
     /// Weight bytes touched to decode one token (dense, the embedding row excepted, plus
     /// `n_experts_per_token` experts per layer).
     pub bytes_per_token: u64,
+    /// The experts by type (one row per type; more than one for a mix).
+    pub expert_types: Vec<ExpertTypeShare>,
+    /// Bits per expert weight over all the experts.
+    pub expert_bits_per_weight: f64,
+    pub calibration: Option<super::manifest::CalibrationUsed>,
+    pub expert_mix: Option<super::manifest::ExpertMix>,
+}
+
+/// The experts whose gate projection has one type (an expert's three share it, except where a
+/// row length makes a super-block type fall back to its 32-weight sibling).
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpertTypeShare {
+    pub qtype: String,
+    pub experts: usize,
+    pub params: u64,
+    pub bytes: u64,
+    pub bits_per_weight: f64,
 }
 
 fn class_of(t: &Tensor) -> &'static str {
@@ -71,7 +88,32 @@ pub fn inspect(m: &Manifest) -> Inspection {
     let per_expert = expert_bytes / (cfg.n_layers * cfg.n_experts).max(1) as u64;
     let bytes_per_token =
         dense_bytes + per_expert * (cfg.n_layers * cfg.n_experts_per_token) as u64;
+    let mut expert_types: Vec<ExpertTypeShare> = Vec::new();
+    for c in &m.experts {
+        let label = c.tensors.first().map_or_else(String::new, |t| t.qtype.to_string());
+        let i = match expert_types.iter().position(|s| s.qtype == label) {
+            Some(i) => i,
+            None => {
+                expert_types.push(ExpertTypeShare { qtype: label, experts: 0, params: 0, bytes: 0, bits_per_weight: 0.0 });
+                expert_types.len() - 1
+            }
+        };
+        let s = &mut expert_types[i];
+        s.experts += 1;
+        s.params += c.tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum::<u64>();
+        s.bytes += c.bytes;
+    }
+    for s in expert_types.iter_mut() {
+        s.bits_per_weight = s.bytes as f64 * 8.0 / s.params.max(1) as f64;
+    }
+    // Most bits first: the order a reader compares precisions in.
+    expert_types.sort_by(|a, b| b.bits_per_weight.total_cmp(&a.bits_per_weight));
+    let expert_params: u64 = expert_types.iter().map(|s| s.params).sum();
     Inspection {
+        expert_types,
+        expert_bits_per_weight: expert_bytes as f64 * 8.0 / expert_params.max(1) as f64,
+        calibration: m.calibration.clone(),
+        expert_mix: m.expert_mix.clone(),
         config: cfg.clone(),
         dense_type: m.quant.dense.to_string(),
         expert_type: m.quant.experts.to_string(),

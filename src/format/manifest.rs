@@ -131,6 +131,35 @@ pub struct Manifest {
     pub dense: Vec<DenseEntry>,
     pub experts: Vec<ExpertChunk>,
     pub tokenizer: Option<FileEntry>,
+    /// The calibration the expert quantizers were given, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationUsed>,
+    /// Set when the experts' types were chosen per expert to a size target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_mix: Option<ExpertMix>,
+}
+
+/// Which calibration a conversion used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationUsed {
+    /// The file's name (without its directory) and the sha256 of its bytes.
+    pub file: String,
+    pub sha256: String,
+    /// `grok1` (recorded by `grok1-run calibrate`) or `imatrix` (llama.cpp's).
+    pub kind: String,
+    /// The text it was recorded on, as its file names it.
+    pub dataset: String,
+    /// Whether it supplied routing frequencies for the choice of expert types.
+    pub routing: bool,
+}
+
+/// How the experts' types were chosen to a size target (each tensor records its type).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpertMix {
+    /// The target for the shards' bytes (dense + experts).
+    pub target_bytes: u64,
+    /// The types offered, most precise first.
+    pub candidates: Vec<QuantType>,
 }
 
 impl Manifest {

@@ -14,6 +14,13 @@ pub struct ExpertScratch {
     ys: Vec<f32>,
 }
 
+impl ExpertScratch {
+    /// The last `expert_rows` call's GeGLU hidden (`down`'s input), `[n, ffn]`.
+    pub fn hidden(&self, n: usize, ffn: usize) -> &[f32] {
+        &self.gate[..n * ffn]
+    }
+}
+
 /// Add expert `x`'s output, weighted by each member's gate, to the member rows of `out`
 /// (`members`: (row of `xn`, gate) pairs).
 pub fn expert_rows(x: &Expert, xn: &[f32], members: &[(usize, f32)], out: &mut [f32], s: &mut ExpertScratch) {

@@ -9,11 +9,12 @@ use super::backend::{Backend, Cpu};
 use super::kv_cache::KvCache;
 use super::moe::{moe, MoeScratch};
 use super::weights::Weights;
+use crate::calib::MoeObserver;
 use crate::checkpoint::Tensor;
 use crate::config::GrokConfig;
 use crate::error::{Error, Result};
 use crate::residency::{ExpertSource, ExpertStore};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 pub struct Model {
     config: GrokConfig,
@@ -66,7 +67,9 @@ impl Model {
         if weights.layers.iter().any(|l| l.experts.is_empty()) {
             return Err(Error::Invalid("the weights hold no experts: use Model::with_store".into()));
         }
-        let expert_bytes = weights.layers.first().map_or(0, |l| l.experts[0].nbytes());
+        // The mean: experts may have different types (a size-targeted conversion).
+        let all = weights.layers.iter().flat_map(|l| &l.experts);
+        let expert_bytes = all.clone().map(|x| x.nbytes()).sum::<usize>() / all.count().max(1);
         Model::build(config, weights, None, expert_bytes)
     }
 
@@ -116,6 +119,16 @@ impl Model {
         let mut logits = vec![0f32; rows * self.config.vocab_size];
         let emit = if all_logits { Emit::AllRows } else { Emit::LastRow };
         self.forward(&self.cpu(), tokens, cache, &mut Scratch::default(), emit, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// `prefill` on the CPU with `observer` told what the MoE routes and computes (calibration);
+    /// returns the last token's logits.
+    pub fn prefill_observed(&self, tokens: &[u32], cache: &mut KvCache, observer: Arc<dyn MoeObserver>) -> Result<Vec<f32>> {
+        let mut logits = vec![0f32; self.config.vocab_size];
+        let mut s = Scratch::default();
+        s.moe.observer = Some(observer);
+        self.forward(&self.cpu(), tokens, cache, &mut s, Emit::LastRow, &mut logits)?;
         Ok(logits)
     }
 

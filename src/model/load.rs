@@ -40,9 +40,16 @@ pub fn load_dense_weights(m: &ConvertedModel, progress: &mut dyn FnMut(u64)) -> 
     load(m, false, progress)
 }
 
-/// Bytes of one expert's matrices (every expert of a model has the same shapes and types).
+/// Bytes of one expert's matrices, the mean over the experts (a size-targeted conversion gives
+/// experts different types).
 pub fn expert_bytes(m: &ConvertedModel) -> usize {
-    m.expert_chunk(0, 0).tensors.iter().map(|t| t.bytes as usize).sum()
+    // The mean: with a type per expert the chunks differ.
+    let c = m.config();
+    let n = c.n_layers * c.n_experts;
+    let total: usize = (0..n)
+        .map(|i| m.expert_chunk(i / c.n_experts, i % c.n_experts).tensors.iter().map(|t| t.bytes as usize).sum::<usize>())
+        .sum();
+    total / n.max(1)
 }
 
 fn load(m: &ConvertedModel, with_experts: bool, progress: &mut dyn FnMut(u64)) -> Result<Weights> {

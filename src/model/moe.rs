@@ -9,8 +9,10 @@ use super::backend::Backend;
 use super::geglu::{expert_rows, ExpertScratch};
 use super::ops::{dot, grow, softmax};
 use super::weights::Weights;
+use crate::calib::MoeObserver;
 use crate::error::Result;
 use crate::residency::ExpertSource;
+use std::sync::Arc;
 
 /// Buffers reused between calls.
 #[derive(Default)]
@@ -27,6 +29,8 @@ pub struct MoeScratch {
     xn_host: Vec<f32>,
     host_sum: Vec<f32>,
     expert: ExpertScratch,
+    /// Calibration's observer, when one is recording.
+    pub observer: Option<Arc<dyn MoeObserver>>,
 }
 
 /// Softmax of the router logits over all experts, then the `k` largest probabilities (the lower
@@ -78,6 +82,9 @@ pub fn moe<B: Backend>(
     }
     for t in 0..t_n {
         route(router, &xh[t * d..][..d], k, probs, &mut s.chosen[t * k..][..k]);
+        if let Some(o) = &s.observer {
+            o.routed(layer, probs, &s.chosen[t * k..][..k]);
+        }
     }
     s.needed.clear();
     s.needed.extend((0..n_experts).filter(|&e| s.chosen[..t_n * k].iter().any(|c| c.0 == e)));
@@ -115,12 +122,15 @@ pub fn moe<B: Backend>(
 
     // The source is asked even when the backend holds every needed expert: a store counts
     // those as device hits and ranks them.
-    let (needed, members, scratch) = (&s.needed, &mut s.members, &mut s.expert);
+    let (needed, members, scratch, observer) = (&s.needed, &mut s.members, &mut s.expert, &s.observer);
     let mut host_experts = |acc: &mut [f32]| {
         experts.for_each_expert(layer, needed, &mut |e, x| {
             if !b.holds_expert(layer, e) {
                 members_of(e, chosen, k, members);
                 expert_rows(x, xh, members, acc, scratch);
+                if let Some(o) = observer {
+                    o.expert_ran(layer, e, xh, members, scratch.hidden(members.len(), x.gate.rows));
+                }
             }
             Ok(())
         })

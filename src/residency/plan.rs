@@ -93,6 +93,9 @@ pub struct PlanInput {
     pub vram_reserve: u64,
     /// Share of disk reads started a layer early by prefetch (0..=1).
     pub prefetch_accuracy: f64,
+    /// Mean bytes of one expert when the experts have a type each (a size target); `None`:
+    /// every expert is `experts`.
+    pub expert_mean_bytes: Option<u64>,
 }
 
 impl PlanInput {
@@ -108,6 +111,7 @@ impl PlanInput {
             ram_reserve: 4 << 30,
             vram_reserve: 1 << 30,
             prefetch_accuracy: 0.0,
+            expert_mean_bytes: None,
         }
     }
 }
@@ -214,7 +218,10 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
             return Err(Error::Invalid(format!("{name} bandwidth {bw} GB/s must be positive")));
         }
     }
-    let eb = expert_bytes(c, input.experts)?;
+    let eb = match input.expert_mean_bytes {
+        Some(b) => b,
+        None => expert_bytes(c, input.experts)?,
+    };
     let db = dense_bytes(c, input.dense)?;
     let kv = (input.context * c.n_layers * 2 * c.kv_dim() * 2) as u64;
     let n_total = c.n_layers * c.n_experts;

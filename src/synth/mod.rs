@@ -144,7 +144,11 @@ pub fn write(
             .items
             .iter()
             .map(|it| {
-                writer::Source::new(&it.source.to_string(), table_for(preset.init_of(it.source)))
+                let mut src = writer::Source::new(&it.source.to_string(), table_for(preset.init_of(it.source)));
+                if let crate::checkpoint::Tensor::Router(l) = it.source {
+                    src.row_gains = preset.router_row_gains(l);
+                }
+                src
             })
             .collect();
         pending.push(writer::write_file(out_dir, file, &sources, opts.seed, &mut done, progress)?);
@@ -170,7 +174,7 @@ pub fn write(
 
 fn meta_json(preset: &Preset, opts: &SynthOptions) -> String {
     let s = &preset.init;
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "tool": concat!("grok1 ", env!("CARGO_PKG_VERSION"), " synth"),
         "preset": preset.name,
         "seed": opts.seed,
@@ -186,6 +190,10 @@ fn meta_json(preset: &Preset, opts: &SynthOptions) -> String {
             "outlier_scale": s.outlier_scale,
         },
     });
+    // Only when on, so that a default checkpoint's files are what they always were.
+    if s.routing_skew != 0.0 {
+        v["init"]["routing_skew"] = serde_json::json!(s.routing_skew);
+    }
     serde_json::to_string_pretty(&v).expect("JSON of strings and numbers") + "\n"
 }
 

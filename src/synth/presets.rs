@@ -33,6 +33,11 @@ pub struct InitScales {
     pub outlier_fraction: f64,
     /// Width of the wide component relative to the narrow one.
     pub outlier_scale: f64,
+    /// Skewed routing, 0 for none: router row `e` of layer `l` is scaled by
+    /// `exp(-routing_skew * r / (n_experts - 1))`, `r = (e + l) % n_experts`, so the expert
+    /// with `r = 0` has the widest logits and wins the top-k most often, as a few experts do in
+    /// trained models. Off, the checkpoint is byte for byte what it was without the option.
+    pub routing_skew: f64,
 }
 
 impl InitScales {
@@ -56,6 +61,7 @@ impl InitScales {
             router_gain: 1.5,
             outlier_fraction: 1.0 / 1024.0,
             outlier_scale: 6.0,
+            routing_skew: 0.0,
         }
     }
 }
@@ -142,6 +148,16 @@ impl Preset {
             .iter()
             .map(|t| t.shape(&self.config).iter().product::<usize>() as u64)
             .sum()
+    }
+
+    /// Gains of router `layer`'s rows (one per expert) under `routing_skew`; `None` when off.
+    pub fn router_row_gains(&self, layer: usize) -> Option<Vec<f32>> {
+        let n = self.config.n_experts;
+        if self.init.routing_skew == 0.0 || n < 2 {
+            return None;
+        }
+        let gain = |e: usize| (-self.init.routing_skew * ((e + layer) % n) as f64 / (n - 1) as f64).exp() as f32;
+        Some((0..n).map(gain).collect())
     }
 
     /// The distribution tensor `t` is drawn from.

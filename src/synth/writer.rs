@@ -28,17 +28,22 @@ const WINDOW_BYTES: usize = 4 << 20;
 pub struct Source {
     pub key: u64,
     pub table: Arc<Table>,
+    /// Each row scaled by its gain after it is drawn (skewed routing); `None`: as drawn.
+    pub row_gains: Option<Vec<f32>>,
 }
 
 impl Source {
     pub fn new(canonical_name: &str, table: Arc<Table>) -> Self {
-        Source { key: name_key(canonical_name), table }
+        Source { key: name_key(canonical_name), table, row_gains: None }
     }
 }
 
 struct Job {
     item: usize,
     block: u64,
+    /// First row of the block, and the tensor's row length.
+    row0: usize,
+    cols: usize,
     /// Byte range inside the data section.
     start: usize,
     len: usize,
@@ -57,6 +62,8 @@ fn jobs(file: &FilePlan, sources: &[Source]) -> Vec<Job> {
             v.push(Job {
                 item: i,
                 block,
+                row0: row,
+                cols,
                 start: it.offset as usize + row * cols * esize,
                 len: n * cols * esize,
             });
@@ -100,7 +107,25 @@ fn fill(seed: u64, sources: &[Source], jobs: &[Job], buf: &mut [u8]) {
         let s = &sources[j.item];
         let mut rng = Xoshiro256pp::for_block(seed, s.key, j.block);
         s.table.fill(&mut rng, out);
+        if let Some(gains) = &s.row_gains {
+            scale_rows(out, s.table.elem_bytes(), j.cols, &gains[j.row0..]);
+        }
     });
+}
+
+/// Multiply row `i` of `out` (little-endian bf16 or f32, `cols` per row) by `gains[i]`.
+fn scale_rows(out: &mut [u8], esize: usize, cols: usize, gains: &[f32]) {
+    for (row, &g) in out.chunks_exact_mut(cols * esize).zip(gains) {
+        for x in row.chunks_exact_mut(esize) {
+            if esize == 2 {
+                let v = half::bf16::from_le_bytes([x[0], x[1]]).to_f32() * g;
+                x.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+            } else {
+                let v = f32::from_le_bytes([x[0], x[1], x[2], x[3]]) * g;
+                x.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
 }
 
 /// A file written under its temporary name and not yet durable. Dropping it without `commit`
@@ -203,7 +228,7 @@ mod tests {
         let n_jobs = 2048;
         let len = BLOCK_ELEMS * 2;
         let jobs: Vec<Job> =
-            (0..n_jobs).map(|b| Job { item: 0, block: b as u64, start: b * len, len }).collect();
+            (0..n_jobs).map(|b| Job { item: 0, block: b as u64, row0: 0, cols: 1, start: b * len, len }).collect();
         let mut buf = vec![0u8; WINDOW_BYTES];
         let per = WINDOW_BYTES / len;
         let t = std::time::Instant::now();
@@ -239,7 +264,7 @@ mod tests {
             let mut s = 0;
             lens.iter()
                 .map(|&len| {
-                    let j = Job { item: 0, block: 0, start: s, len };
+                    let j = Job { item: 0, block: 0, row0: 0, cols: 1, start: s, len };
                     s += len;
                     j
                 })

@@ -1,6 +1,7 @@
 //! grok1-run: inference from the grok1 chunked format.
 
 mod bench;
+mod calibrate;
 mod generate;
 mod load;
 mod plan;
@@ -67,6 +68,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Where each part of a model goes on given hardware, and the decode speed to expect.
     Plan(plan::PlanArgs),
+    /// Record what each expert sees on a text (for `grok1-convert convert --calibration`).
+    Calibrate(calibrate::CalibrateArgs),
     /// Print the token ids (or pieces) of a text.
     Tokenize(text::TokenizeArgs),
     /// Print the text of a list of token ids.
@@ -79,6 +82,7 @@ fn main() {
         Cmd::Logits(a) => generate::logits(a),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Plan(a) => plan::plan(a),
+        Cmd::Calibrate(a) => calibrate::calibrate(a),
         Cmd::Tokenize(a) => text::tokenize(a),
         Cmd::Detokenize(a) => text::detokenize(a),
     };
