@@ -149,16 +149,16 @@ fn a_budget_too_small_for_the_dense_part_keeps_the_run_on_the_cpu_with_the_reaso
     let files = converted(&f, tmp.path());
     let model = || Model::new(c.clone(), grok1::model::load::load_weights(&files, &mut |_| {}).unwrap()).unwrap();
     let (placed, line) = PlacedModel::place(model(), &files, DeviceChoice::Emulated { budget: 4096 }, 16, 16).unwrap();
-    assert!(placed.device().is_none());
+    assert!(!placed.uses_device());
     assert!(line.contains("dense weights") && line.ends_with("running on the CPU"), "{line}");
     for choice in [DeviceChoice::Gpu { budget: Some(0) }, DeviceChoice::Cpu] {
         let (placed, line) = PlacedModel::place(model(), &files, choice, 16, 16).unwrap();
-        assert!(placed.device().is_none() && line.contains("running on the CPU"), "{choice:?}: {line}");
+        assert!(!placed.uses_device() && line.contains("running on the CPU"), "{choice:?}: {line}");
     }
     #[cfg(not(feature = "cuda"))]
     {
         let (placed, line) = PlacedModel::place(model(), &files, DeviceChoice::Gpu { budget: None }, 16, 16).unwrap();
-        assert!(placed.device().is_none());
+        assert!(!placed.uses_device());
         assert!(line.contains("without the cuda feature") && line.ends_with("running on the CPU"), "{line}");
     }
 }

@@ -1,6 +1,7 @@
 //! The device: finding it, its context and stream, and the compiled kernel program.
 
-use super::{nvrtc, source, GpuInfo};
+use super::info::GpuInfo;
+use super::{nvrtc, source};
 use crate::error::{Error, Result};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, ValidAsZeroBits,

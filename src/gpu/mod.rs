@@ -73,12 +73,12 @@
 //!
 //! What exists today: planning (`plan`), stats (`stats`), device buffers and device-time marks,
 //! the kernels and their host-side wrappers, and uploading dense tensors and expert chunks. The
-//! per-layer loop above is `model/grok.rs` over the `model::backend::Backend` seam, and
-//! `crate::placement` picks the backend: the CPU, or `placement::EmulatedDevice` (the schedule
-//! above on the CPU with its own buffers and counted copies, `--emulate-gpu BYTES`). The CUDA
-//! implementation of the seam is not written yet: with a GPU present the runner says so and
-//! runs on the CPU. The overlap of GPU and CPU experts is part of that implementation (the
-//! emulated device runs them one after the other).
+//! per-layer loop above is `model/grok.rs` over the backend seam (`src/model/backend.rs`), and
+//! the placement module (`src/placement/`) picks the backend: the CPU, a device emulated by the
+//! CPU (its own buffers and counted copies, `--emulate-gpu`), or the CUDA device built from the
+//! pieces here. Not yet: the overlap (the CUDA device and the CPU run a layer's experts one
+//! after the other), the warm-up or trace ranking (the plan uses `plan::default_ranking`), and
+//! device time per token for the CUDA device (its `GpuStats::gpu_seconds` stays 0).
 //!
 //! # Checking without a GPU
 //!
@@ -90,6 +90,7 @@
 //!   and assembles it for sm_90 without register spills; with a GPU, every kernel against the
 //!   CPU. `benches/gpu-check.sh` runs all of it, and the runner benchmarks, on a GPU machine.
 
+mod info;
 pub mod launch;
 pub mod layout;
 pub mod plan;
@@ -107,6 +108,8 @@ mod ops;
 #[cfg(feature = "cuda")]
 mod upload;
 
+pub use info::GpuInfo;
+
 #[cfg(feature = "cuda")]
 pub use device::{Gpu, GpuMark};
 #[cfg(feature = "cuda")]
@@ -115,27 +118,6 @@ pub use matrix::{DeviceMatrix, MatKernel};
 pub use ops::{AttnShape, DeviceKvCache};
 #[cfg(feature = "cuda")]
 pub use upload::{DenseWeights, DeviceExpert, DeviceLayer, UploadStats};
-
-use serde::Serialize;
-
-/// What [`available`] found.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct GpuInfo {
-    /// Device ordinal (always 0: the tier uses the first device).
-    pub ordinal: usize,
-    pub name: String,
-    /// (major, minor), e.g. (9, 0) for an H100.
-    pub compute_capability: (u32, u32),
-    pub total_bytes: u64,
-    pub free_bytes: u64,
-    /// CUDA version the driver supports, (major, minor).
-    pub driver_cuda: (u32, u32),
-    /// NVRTC's version, (major, minor).
-    pub nvrtc: (u32, u32),
-    /// What the kernels are compiled for: the device's own architecture (`sm_90`, machine
-    /// code) when NVRTC knows it, else the newest virtual one below it (`compute_90`, PTX).
-    pub arch: String,
-}
 
 /// The first GPU, if this build can use one and one is present: the driver loads, a device
 /// exists, a context can be made and NVRTC loads. Otherwise a one-line reason.

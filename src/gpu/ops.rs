@@ -200,6 +200,11 @@ impl DeviceKvCache {
         self.len == 0
     }
 
+    /// Forget every position from `len` on (a sequence cut back, or cleared with 0).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Claim positions `len .. len + tokens.len()`; their keys and values are written per layer.
     pub fn append_tokens(&mut self, gpu: &Gpu, tokens: &[u32]) -> Result<()> {
         if self.len + tokens.len() > self.capacity {

@@ -190,7 +190,7 @@ impl Model {
         cache.append_tokens(tokens);
 
         // Rotary phases depend only on the absolute position: once per call, for every layer.
-        b.rope_phases(p0, t_n, hd, c.rope_theta, &mut s.cos, &mut s.sin);
+        b.rope_phases(p0, t_n, hd, c.rope_theta, &mut s.cos, &mut s.sin)?;
 
         // Embedding, scaled: looked up on the host, one row per token.
         b.upload(&mut s.h, t_n * d, &mut s.staging, |h| {
@@ -201,39 +201,39 @@ impl Model {
                     *x *= c.embedding_multiplier as f32;
                 }
             }
-        });
+        })?;
 
         for (buf, n) in [(&mut s.xn, t_n * d), (&mut s.q, t_n * qd), (&mut s.k, t_n * kvd), (&mut s.v, t_n * kvd)] {
-            b.reserve(buf, n);
+            b.reserve(buf, n)?;
         }
         for (buf, n) in [(&mut s.attn_out, t_n * qd), (&mut s.block_out, t_n * d), (&mut s.row, d)] {
-            b.reserve(buf, n);
+            b.reserve(buf, n)?;
         }
 
         for l in 0..c.n_layers {
             // Attention: h += norm1(attn(norm0(h)))
-            b.rms_norm_rows(&s.h, 0, t_n, Tensor::AttnNorm(l), eps, &mut s.xn);
-            b.project(Tensor::AttnQ(l), &s.xn, t_n, &mut s.q);
-            b.project(Tensor::AttnK(l), &s.xn, t_n, &mut s.k);
-            b.project(Tensor::AttnV(l), &s.xn, t_n, &mut s.v);
-            b.rope(&mut s.q, t_n, qd, hd, &s.cos, &s.sin);
-            b.rope(&mut s.k, t_n, kvd, hd, &s.cos, &s.sin);
-            b.attention(l, p0, t_n, &s.q, &s.k, &s.v, cache, &mut s.attn_out, &mut s.attn);
-            b.project(Tensor::AttnO(l), &s.attn_out, t_n, &mut s.block_out);
-            b.add_rms_norm_rows(&mut s.h, &s.block_out, t_n, Tensor::AttnOutNorm(l), eps, &mut s.row);
+            b.rms_norm_rows(&s.h, 0, t_n, Tensor::AttnNorm(l), eps, &mut s.xn)?;
+            b.project(Tensor::AttnQ(l), &s.xn, t_n, &mut s.q)?;
+            b.project(Tensor::AttnK(l), &s.xn, t_n, &mut s.k)?;
+            b.project(Tensor::AttnV(l), &s.xn, t_n, &mut s.v)?;
+            b.rope(&mut s.q, t_n, qd, hd, p0, c.rope_theta, &s.cos, &s.sin)?;
+            b.rope(&mut s.k, t_n, kvd, hd, p0, c.rope_theta, &s.cos, &s.sin)?;
+            b.attention(l, p0, t_n, &s.q, &s.k, &s.v, cache, &mut s.attn_out, &mut s.attn)?;
+            b.project(Tensor::AttnO(l), &s.attn_out, t_n, &mut s.block_out)?;
+            b.add_rms_norm_rows(&mut s.h, &s.block_out, t_n, Tensor::AttnOutNorm(l), eps, &mut s.row)?;
 
             // Mixture of experts: h += norm3(moe(norm2(h)))
-            b.rms_norm_rows(&s.h, 0, t_n, Tensor::FfnNorm(l), eps, &mut s.xn);
+            b.rms_norm_rows(&s.h, 0, t_n, Tensor::FfnNorm(l), eps, &mut s.xn)?;
             let k = c.n_experts_per_token;
             moe(b, self.experts(), w, l, c.n_experts, k, &s.xn, t_n, &mut s.block_out, &mut s.moe)?;
-            b.add_rms_norm_rows(&mut s.h, &s.block_out, t_n, Tensor::FfnOutNorm(l), eps, &mut s.row);
+            b.add_rms_norm_rows(&mut s.h, &s.block_out, t_n, Tensor::FfnOutNorm(l), eps, &mut s.row)?;
         }
 
         // Final norm, then the tied output head.
         let first = if emit == Emit::AllRows { 0 } else { t_n - 1 };
         let n_out = t_n - first;
-        b.rms_norm_rows(&s.h, first, n_out, Tensor::OutputNorm, eps, &mut s.xn);
-        b.logits(&s.xn, n_out, logits, &mut s.staging);
+        b.rms_norm_rows(&s.h, first, n_out, Tensor::OutputNorm, eps, &mut s.xn)?;
+        b.logits(&s.xn, n_out, logits, &mut s.staging)?;
         for x in logits.iter_mut() {
             *x *= c.output_multiplier as f32;
         }

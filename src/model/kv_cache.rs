@@ -3,8 +3,14 @@
 //! walks one contiguous block of memory.
 
 use crate::config::GrokConfig;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Identities of caches, so that a device can keep its own keys and values for each.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 pub struct KvCache {
+    /// Unique in this process.
+    id: u64,
     n_kv_heads: usize,
     head_dim: usize,
     capacity: usize,
@@ -23,6 +29,7 @@ impl KvCache {
     pub fn new(config: &GrokConfig, max_tokens: usize) -> KvCache {
         let per_layer = config.n_kv_heads * max_tokens * config.head_dim;
         KvCache {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             n_kv_heads: config.n_kv_heads,
             head_dim: config.head_dim,
             capacity: max_tokens,
@@ -80,6 +87,11 @@ impl KvCache {
         self.k.len() == config.n_layers
             && self.n_kv_heads == config.n_kv_heads
             && self.head_dim == config.head_dim
+    }
+
+    /// This cache's identity: a device keys its own copy of the sequence by it.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub(crate) fn key_valid(&self) -> &[bool] {

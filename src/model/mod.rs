@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod backend;
+pub mod geglu;
 mod grok;
 pub mod kv_cache;
 pub mod load;

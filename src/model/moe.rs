@@ -6,11 +6,10 @@
 //! from (the resident weights, or a store that streams them) is the `ExpertSource`'s business.
 
 use super::backend::Backend;
-use super::ops::{axpy, dot, gelu_tanh, grow, project, softmax};
+use super::geglu::{expert_rows, ExpertScratch};
+use super::ops::{dot, grow, softmax};
 use super::weights::Weights;
 use crate::error::Result;
-use crate::expert::Expert;
-use crate::kernels::Matrix;
 use crate::residency::ExpertSource;
 
 /// Buffers reused between calls.
@@ -28,15 +27,6 @@ pub struct MoeScratch {
     xn_host: Vec<f32>,
     host_sum: Vec<f32>,
     expert: ExpertScratch,
-}
-
-/// Buffers of one expert's evaluation.
-#[derive(Default)]
-pub struct ExpertScratch {
-    xs: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    ys: Vec<f32>,
 }
 
 /// Softmax of the router logits over all experts, then the `k` largest probabilities (the lower
@@ -81,7 +71,7 @@ pub fn moe<B: Backend>(
 ) -> Result<()> {
     let router = &w.layers[layer].router;
     let d = router.len() / n_experts;
-    let xh = b.download(xn, t_n * d, &mut s.xn_host);
+    let xh = b.download(xn, t_n * d, &mut s.xn_host)?;
     let probs = grow(&mut s.probs, n_experts);
     if s.chosen.len() < t_n * k {
         s.chosen.resize(t_n * k, (0, 0.0));
@@ -108,7 +98,7 @@ pub fn moe<B: Backend>(
         experts.guess_next_layer(layer + 1, &s.guess);
     }
 
-    b.zero(out, t_n * d);
+    b.zero(out, t_n * d)?;
     let chosen = &s.chosen[..t_n * k];
     let mut on_device = 0;
     let mut host_work = false;
@@ -116,7 +106,7 @@ pub fn moe<B: Backend>(
         if b.holds_expert(layer, e) {
             members_of(e, chosen, k, &mut s.members);
             on_device += s.members.len() as u64;
-            b.expert(layer, e, xn, t_n, &s.members, out, &mut s.expert);
+            b.expert(layer, e, xn, t_n, &s.members, out, &mut s.expert)?;
         } else {
             host_work = true;
         }
@@ -149,39 +139,5 @@ fn members_of(e: usize, chosen: &[(usize, f32)], k: usize, members: &mut Vec<(us
         if let Some(&(_, g)) = c.iter().find(|c| c.0 == e) {
             members.push((t, g));
         }
-    }
-}
-
-/// Add expert `x`'s output, weighted by each member's gate, to the member rows of `out`
-/// (`members`: (row of `xn`, gate) pairs).
-pub fn expert_rows(x: &Expert, xn: &[f32], members: &[(usize, f32)], out: &mut [f32], s: &mut ExpertScratch) {
-    let (w_gate, w_up, w_down) = (&x.gate, &x.up, &x.down);
-    let d = w_gate.cols;
-    let n = members.len();
-    if n == 0 {
-        return;
-    }
-    let f = w_gate.rows;
-    let gate = grow(&mut s.gate, n * f);
-    let up = grow(&mut s.up, n * f);
-    if n == 1 {
-        let t = members[0].0;
-        // One pass over the pool for both projections, the input quantized once.
-        Matrix::matvec_pair(w_gate, w_up, &xn[t * d..][..d], gate, up);
-    } else {
-        let xs = grow(&mut s.xs, n * d);
-        for (i, &(t, _)) in members.iter().enumerate() {
-            xs[i * d..][..d].copy_from_slice(&xn[t * d..][..d]);
-        }
-        project(w_gate, xs, n, gate);
-        project(w_up, xs, n, up);
-    }
-    for (g, u) in gate.iter_mut().zip(up.iter()) {
-        *g = gelu_tanh(*g) * u;
-    }
-    let ys = grow(&mut s.ys, n * d);
-    project(w_down, gate, n, ys);
-    for (i, &(t, g)) in members.iter().enumerate() {
-        axpy(g, &ys[i * d..][..d], &mut out[t * d..][..d]);
     }
 }

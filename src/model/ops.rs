@@ -110,6 +110,23 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `buf[..n]`, growing `buf` if needed (never shrinking, so steady-state calls allocate nothing).
+pub(crate) fn grow(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
+}
+
+/// `y = W x` for one row, `ys = W xs` for several.
+pub(crate) fn project(m: &Matrix, xs: &[f32], n: usize, ys: &mut [f32]) {
+    if n == 1 {
+        m.matvec(xs, ys)
+    } else {
+        m.matmul(xs, n, ys)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,22 +170,5 @@ mod tests {
             let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             assert!((dot(&a, &b) as f64 - want).abs() < 1e-5, "n={n}");
         }
-    }
-}
-
-/// `buf[..n]`, growing `buf` if needed (never shrinking, so steady-state calls allocate nothing).
-pub(crate) fn grow(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    if buf.len() < n {
-        buf.resize(n, 0.0);
-    }
-    &mut buf[..n]
-}
-
-/// `y = W x` for one row, `ys = W xs` for several.
-pub(crate) fn project(m: &Matrix, xs: &[f32], n: usize, ys: &mut [f32]) {
-    if n == 1 {
-        m.matvec(xs, ys)
-    } else {
-        m.matmul(xs, n, ys)
     }
 }

@@ -17,7 +17,7 @@ use crate::gpu::plan::GpuPlan;
 use crate::gpu::stats::GpuStats;
 use crate::model::attention::{AttnParams, AttnScratch};
 use crate::model::backend::{Backend, Cpu};
-use crate::model::moe::{expert_rows, ExpertScratch};
+use crate::model::geglu::{expert_rows, ExpertScratch};
 use crate::model::{KvCache, Weights};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -108,7 +108,7 @@ impl EmulatedDevice {
     }
 
     /// Run one device step, adding its wall time to the device time.
-    fn step<R>(&self, f: impl FnOnce() -> R) -> R {
+    fn step(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
         let t0 = Instant::now();
         let r = f();
         self.stats.lock().unwrap().gpu_seconds += t0.elapsed().as_secs_f64();
@@ -119,7 +119,7 @@ impl EmulatedDevice {
 impl Backend for EmulatedDevice {
     type Buf = EmuBuf;
 
-    fn reserve(&self, buf: &mut EmuBuf, n: usize) {
+    fn reserve(&self, buf: &mut EmuBuf, n: usize) -> Result<()> {
         self.kernels().reserve(&mut buf.0, n)
     }
 
@@ -127,19 +127,20 @@ impl Backend for EmulatedDevice {
         self.experts[layer * self.n_experts + e].is_some()
     }
 
-    fn upload(&self, dst: &mut EmuBuf, n: usize, staging: &mut Vec<f32>, fill: impl FnOnce(&mut [f32])) {
-        self.kernels().reserve(staging, n);
+    fn upload(&self, dst: &mut EmuBuf, n: usize, staging: &mut Vec<f32>, fill: impl FnOnce(&mut [f32])) -> Result<()> {
+        self.kernels().reserve(staging, n)?;
         fill(&mut staging[..n]);
-        self.reserve(dst, n);
+        self.reserve(dst, n)?;
         dst.0[..n].copy_from_slice(&staging[..n]);
         self.stats.lock().unwrap().add_h2d_floats(n);
+        Ok(())
     }
 
-    fn download<'a>(&self, src: &'a EmuBuf, n: usize, staging: &'a mut Vec<f32>) -> &'a [f32] {
-        self.kernels().reserve(staging, n);
+    fn download<'a>(&self, src: &'a EmuBuf, n: usize, staging: &'a mut Vec<f32>) -> Result<&'a [f32]> {
+        self.kernels().reserve(staging, n)?;
         staging[..n].copy_from_slice(&src.0[..n]);
         self.stats.lock().unwrap().add_d2h_floats(n);
-        &staging[..n]
+        Ok(&staging[..n])
     }
 
     fn add_from_host(
@@ -149,7 +150,7 @@ impl Backend for EmulatedDevice {
         staging: &mut Vec<f32>,
         sum: impl FnOnce(&mut [f32]) -> Result<()>,
     ) -> Result<()> {
-        self.kernels().reserve(staging, n);
+        self.kernels().reserve(staging, n)?;
         staging[..n].fill(0.0);
         let t0 = Instant::now();
         sum(&mut staging[..n])?;
@@ -162,32 +163,42 @@ impl Backend for EmulatedDevice {
             for (a, s) in acc.0[..n].iter_mut().zip(&staging[..n]) {
                 *a += s;
             }
-        });
-        Ok(())
+            Ok(())
+        })
     }
 
-    fn zero(&self, buf: &mut EmuBuf, n: usize) {
+    fn zero(&self, buf: &mut EmuBuf, n: usize) -> Result<()> {
         self.step(|| self.kernels().zero(&mut buf.0, n))
     }
 
-    fn rope_phases(&self, p0: usize, t_n: usize, hd: usize, theta: f64, cos: &mut EmuBuf, sin: &mut EmuBuf) {
+    fn rope_phases(&self, p0: usize, t_n: usize, hd: usize, theta: f64, cos: &mut EmuBuf, sin: &mut EmuBuf) -> Result<()> {
         self.step(|| self.kernels().rope_phases(p0, t_n, hd, theta, &mut cos.0, &mut sin.0))
     }
 
-    fn rms_norm_rows(&self, x: &EmuBuf, first: usize, n: usize, scale: Tensor, eps: f32, out: &mut EmuBuf) {
+    fn rms_norm_rows(&self, x: &EmuBuf, first: usize, n: usize, scale: Tensor, eps: f32, out: &mut EmuBuf) -> Result<()> {
         self.step(|| self.kernels().rms_norm_rows(&x.0, first, n, scale, eps, &mut out.0))
     }
 
-    fn add_rms_norm_rows(&self, acc: &mut EmuBuf, x: &EmuBuf, n: usize, scale: Tensor, eps: f32, tmp: &mut EmuBuf) {
+    fn add_rms_norm_rows(&self, acc: &mut EmuBuf, x: &EmuBuf, n: usize, scale: Tensor, eps: f32, tmp: &mut EmuBuf) -> Result<()> {
         self.step(|| self.kernels().add_rms_norm_rows(&mut acc.0, &x.0, n, scale, eps, &mut tmp.0))
     }
 
-    fn project(&self, m: Tensor, x: &EmuBuf, n: usize, y: &mut EmuBuf) {
+    fn project(&self, m: Tensor, x: &EmuBuf, n: usize, y: &mut EmuBuf) -> Result<()> {
         self.step(|| self.kernels().project(m, &x.0, n, &mut y.0))
     }
 
-    fn rope(&self, x: &mut EmuBuf, n: usize, width: usize, hd: usize, cos: &EmuBuf, sin: &EmuBuf) {
-        self.step(|| self.kernels().rope(&mut x.0, n, width, hd, &cos.0, &sin.0))
+    fn rope(
+        &self,
+        x: &mut EmuBuf,
+        n: usize,
+        width: usize,
+        hd: usize,
+        p0: usize,
+        theta: f64,
+        cos: &EmuBuf,
+        sin: &EmuBuf,
+    ) -> Result<()> {
+        self.step(|| self.kernels().rope(&mut x.0, n, width, hd, p0, theta, &cos.0, &sin.0))
     }
 
     fn attention(
@@ -201,7 +212,7 @@ impl Backend for EmulatedDevice {
         cache: &mut KvCache,
         out: &mut EmuBuf,
         scratch: &mut AttnScratch,
-    ) {
+    ) -> Result<()> {
         self.step(|| self.kernels().attention(layer, p0, t_n, &q.0, &k.0, &v.0, cache, &mut out.0, scratch))
     }
 
@@ -214,21 +225,28 @@ impl Backend for EmulatedDevice {
         members: &[(usize, f32)],
         out: &mut EmuBuf,
         scratch: &mut ExpertScratch,
-    ) {
-        let x = self.experts[layer * self.n_experts + e].as_ref().expect("an expert the device holds");
+    ) -> Result<()> {
+        let x = self.experts[layer * self.n_experts + e].as_ref().ok_or_else(|| {
+            Error::Invalid(format!("expert {e} of layer {layer} asked of a device that does not hold it"))
+        })?;
         let d = x.down.rows;
-        self.step(|| expert_rows(x, &xn.0[..t_n * d], members, &mut out.0[..t_n * d], scratch))
+        self.step(|| {
+            expert_rows(x, &xn.0[..t_n * d], members, &mut out.0[..t_n * d], scratch);
+            Ok(())
+        })
     }
 
-    fn logits(&self, xn: &EmuBuf, n: usize, logits: &mut [f32], _staging: &mut Vec<f32>) {
+    fn logits(&self, xn: &EmuBuf, n: usize, logits: &mut [f32], _staging: &mut Vec<f32>) -> Result<()> {
         let mut dev = self.logits.lock().unwrap();
         let m = &self.dense.embedding;
         self.step(|| {
-            self.kernels().reserve(&mut dev, n * m.rows);
+            self.kernels().reserve(&mut dev, n * m.rows)?;
             crate::model::ops::project(m, &xn.0[..n * m.cols], n, &mut dev[..n * m.rows]);
-        });
+            Ok(())
+        })?;
         logits.copy_from_slice(&dev[..logits.len()]);
         self.stats.lock().unwrap().add_d2h_floats(logits.len());
+        Ok(())
     }
 
     fn routed(&self, chosen: u64, on_device: u64) {

@@ -6,10 +6,20 @@
 //! `Backend`, this module decides which backend a run gets and builds it. The devices:
 //! * [`EmulatedDevice`]: the CPU playing a device, with its own buffers and counted copies,
 //!   so that CI checks placement, the hybrid MoE and the copies without a GPU;
-//! * a CUDA device (feature `cuda`): planned; until it exists a GPU run says so and uses the CPU.
+//! * [`CudaDevice`] (feature `cuda`): the same schedule on the first GPU, with the `gpu`
+//!   module's device matrices, kernels and KV cache. It compiles in every CI build with the
+//!   feature; it runs only where a GPU is (`benches/gpu-check.sh`).
 
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_buf;
 mod emulated;
 
+#[cfg(feature = "cuda")]
+pub use cuda::CudaDevice;
+#[cfg(feature = "cuda")]
+pub use cuda_buf::CudaBuf;
 pub use emulated::{EmuBuf, EmulatedDevice};
 
 use crate::checkpoint::{Proj, Tensor};
@@ -76,27 +86,54 @@ pub fn plan_for(bytes: &ModelBytes, config: &GrokConfig, budget: u64, kv_tokens:
     plan(bytes, config, budget, &default_ranking(config.n_layers, config.n_experts), kv_tokens, batch)
 }
 
+/// The devices a model can be placed on (one per model: their size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Device {
+    Emulated(EmulatedDevice, Mutex<Scratch<EmuBuf>>),
+    #[cfg(feature = "cuda")]
+    Cuda(CudaDevice, Mutex<Scratch<CudaBuf<f32>>>),
+}
+
+impl Device {
+    fn plan(&self) -> &GpuPlan {
+        match self {
+            Device::Emulated(d, _) => d.plan(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d, _) => d.plan(),
+        }
+    }
+}
+
 /// A model and the device it runs on, if any.
 pub struct PlacedModel {
     model: Model,
-    device: Option<EmulatedDevice>,
-    /// The device's buffers for the decode loop, kept between tokens.
-    decode_scratch: Mutex<Scratch<EmuBuf>>,
+    /// With the device's buffers for the decode loop, kept between tokens.
+    device: Option<Device>,
 }
 
 impl PlacedModel {
     /// On the CPU alone.
     pub fn cpu(model: Model) -> PlacedModel {
-        PlacedModel { model, device: None, decode_scratch: Mutex::default() }
+        PlacedModel { model, device: None }
     }
 
     /// On `device`, which holds the dense weights and the experts of its plan; the model's
     /// expert store (if any) stops reading and caching those.
     pub fn on_device(model: Model, device: EmulatedDevice) -> PlacedModel {
+        PlacedModel::with(model, Device::Emulated(device, Mutex::default()))
+    }
+
+    /// On a GPU, which holds the dense weights and the experts of its plan.
+    #[cfg(feature = "cuda")]
+    pub fn on_gpu(model: Model, device: CudaDevice) -> PlacedModel {
+        PlacedModel::with(model, Device::Cuda(device, Mutex::default()))
+    }
+
+    fn with(model: Model, device: Device) -> PlacedModel {
         if let Some(store) = model.store() {
             store.set_device(Arc::new(device.plan().clone()));
         }
-        PlacedModel { model, device: Some(device), decode_scratch: Mutex::default() }
+        PlacedModel { model, device: Some(device) }
     }
 
     /// Place a converted model's run as `choice` asks, `kv_tokens` positions of context and
@@ -110,18 +147,16 @@ impl PlacedModel {
                 return Ok((PlacedModel::cpu(model), "GPU budget 0: running on the CPU".into()))
             }
             DeviceChoice::Gpu { budget } => {
-                let why = match crate::gpu::available() {
-                    Err(why) => format!("no GPU found ({why}); running on the CPU"),
-                    Ok(info) => {
-                        let b = budget.unwrap_or_else(|| default_budget(info.free_bytes, info.total_bytes));
-                        format!(
-                            "{} found (budget {}), but the forward pass has no CUDA backend yet; running on the CPU",
-                            info.name,
-                            crate::gpu::plan::human(b)
-                        )
-                    }
+                let info = match crate::gpu::available() {
+                    Err(why) => return Ok((PlacedModel::cpu(model), format!("no GPU found ({why}); running on the CPU"))),
+                    Ok(info) => info,
                 };
-                return Ok((PlacedModel::cpu(model), why));
+                let b = budget.unwrap_or_else(|| default_budget(info.free_bytes, info.total_bytes));
+                let p = plan_for(&ModelBytes::from_manifest(&files.manifest), &config, b, kv_tokens, batch)?;
+                if let Some(why) = &p.refused {
+                    return Ok((PlacedModel::cpu(model), format!("GPU {} not used: {why}; running on the CPU", info.name)));
+                }
+                return PlacedModel::place_on_gpu(model, files, p, &info.name);
             }
             DeviceChoice::Emulated { budget } => budget,
         };
@@ -134,6 +169,21 @@ impl PlacedModel {
         Ok((PlacedModel::on_device(model, device), line))
     }
 
+    #[cfg(feature = "cuda")]
+    fn place_on_gpu(model: Model, files: &ConvertedModel, p: GpuPlan, name: &str) -> Result<(PlacedModel, String)> {
+        let line = placement_line(&format!("GPU {name}"), &p, model.config());
+        match CudaDevice::upload(files, p) {
+            Ok(device) => Ok((PlacedModel::on_gpu(model, device), line)),
+            Err(e) => Ok((PlacedModel::cpu(model), format!("GPU {name} not used: {e}; running on the CPU"))),
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn place_on_gpu(model: Model, _files: &ConvertedModel, _p: GpuPlan, name: &str) -> Result<(PlacedModel, String)> {
+        // Not reached: without the feature `gpu::available` finds no GPU.
+        Ok((PlacedModel::cpu(model), format!("GPU {name} not used: built without the cuda feature; running on the CPU")))
+    }
+
     pub fn model(&self) -> &Model {
         &self.model
     }
@@ -142,22 +192,39 @@ impl PlacedModel {
         self.model.config()
     }
 
-    pub fn device(&self) -> Option<&EmulatedDevice> {
-        self.device.as_ref()
+    /// Whether a device runs the dense part (and its experts).
+    pub fn uses_device(&self) -> bool {
+        self.device.is_some()
+    }
+
+    /// The device's plan, when there is a device.
+    pub fn device_plan(&self) -> Option<&GpuPlan> {
+        self.device.as_ref().map(Device::plan)
     }
 
     /// The device's counts so far, when there is one.
     pub fn gpu_stats(&self) -> Option<GpuStats> {
-        self.device.as_ref().map(|d| d.stats())
+        match self.device.as_ref()? {
+            Device::Emulated(d, _) => Some(d.stats()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d, _) => Some(d.stats()),
+        }
     }
 
     /// `Model::prefill`, where the placement says.
     pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Vec<f32>> {
+        let n = tokens.len() as u64;
         match &self.device {
             None => self.model.prefill(tokens, cache, all_logits),
-            Some(d) => {
+            Some(Device::Emulated(d, _)) => {
                 let logits = self.model.prefill_on(d, tokens, cache, all_logits)?;
-                d.tokens_done(tokens.len() as u64);
+                d.tokens_done(n);
+                Ok(logits)
+            }
+            #[cfg(feature = "cuda")]
+            Some(Device::Cuda(d, _)) => {
+                let logits = self.model.prefill_on(d, tokens, cache, all_logits)?;
+                d.tokens_done(n);
                 Ok(logits)
             }
         }
@@ -167,8 +234,15 @@ impl PlacedModel {
     pub fn decode_into(&self, token: u32, cache: &mut KvCache, logits: &mut [f32]) -> Result<()> {
         match &self.device {
             None => self.model.decode_into(token, cache, logits),
-            Some(d) => {
-                let mut s = self.decode_scratch.lock().unwrap_or_else(|e| e.into_inner());
+            Some(Device::Emulated(d, s)) => {
+                let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
+                self.model.decode_into_on(d, token, cache, logits, &mut s)?;
+                d.tokens_done(1);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Some(Device::Cuda(d, s)) => {
+                let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
                 self.model.decode_into_on(d, token, cache, logits, &mut s)?;
                 d.tokens_done(1);
                 Ok(())
