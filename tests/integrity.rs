@@ -192,7 +192,44 @@ fn strip_xxh3(model: &Path) {
             assert!(item.as_object_mut().unwrap().remove("xxh3").is_some());
         }
     }
-    std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    write_manifest(&p, &v);
+}
+
+fn write_manifest(p: &Path, v: &serde_json::Value) {
+    let mut perm = std::fs::metadata(p).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perm.set_readonly(false);
+    std::fs::set_permissions(p, perm).unwrap();
+    std::fs::write(p, serde_json::to_vec_pretty(v).unwrap()).unwrap();
+}
+
+/// `verify` compares the xxh3s too: a manifest whose xxh3 for one chunk and one dense tensor
+/// disagrees with bytes whose sha256 still matches is reported, naming both. Plant: drop
+/// `&& fast_ok` in `check_shard` (src/format/verify.rs).
+#[test]
+fn verify_compares_the_xxh3s() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    converted(&model, Compression::None);
+    assert!(grok1::format::verify(&model, &|_| {}).unwrap().ok);
+    let p = model.join(MANIFEST_FILE);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    for item in v["experts"].as_array_mut().unwrap() {
+        if item["layer"] == 1 && item["expert"] == 2 {
+            item["xxh3"] = "0000000000000000".into();
+        }
+    }
+    for item in v["dense"].as_array_mut().unwrap() {
+        if item["name"] == "blk.0.ffn_router" {
+            item["xxh3"] = "0000000000000000".into();
+        }
+    }
+    write_manifest(&p, &v);
+    let report = grok1::format::verify(&model, &|_| {}).unwrap();
+    let problems: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains("layer 1, expert 2")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains("blk.0.ffn_router")), "{problems:?}");
 }
 
 /// Older models (no `xxh3`) stay readable: a budgeted run says once that it cannot check, and

@@ -272,7 +272,8 @@ impl ChunkReader {
                 let m = self.maps[chunk.shard].as_ref().expect("expert shard mapped");
                 let range = chunk.offset as usize..chunk.offset as usize + stored_len;
                 // Touching a mapped page past the end of a file that shrank after it was opened
-                // kills the process (SIGBUS): look at its length first.
+                // kills the process (SIGBUS): look at its length first. (A truncation racing this
+                // check can still fault; the default `Direct` path has no such window.)
                 let len = file.metadata().at(shard_path())?.len();
                 if len < chunk.offset + chunk.bytes {
                     return Err(ends_early(model, chunk, len.saturating_sub(chunk.offset)));
