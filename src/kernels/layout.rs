@@ -1,5 +1,5 @@
 //! The seam between `Matrix` and the block types: each runtime layout (`pack::Tiled` for q8_0,
-//! q4_0 and iq4_nl, `float::FloatTiles`, `k4::K4Tiles`, `s4::S4Tiles`) implements `TileLayout`
+//! q4_0 and iq4_nl, `float::FloatTiles`, `k4::K4Tiles`, `s4::S4Tiles`, `s3::S3Tiles`, `s2::S2Tiles`) implements `TileLayout`
 //! (geometry, packing, row decoding, the scalar reference kernel) in its own file, and one
 //! `*Tiles` trait per SIMD path in that path's file. `Matrix` holds the layout as a `dyn Layout`
 //! made once in `for_qtype`, so the only dynamic call a product makes is one per run of tiles a
@@ -9,6 +9,8 @@ use super::act::QActs;
 use super::float::FloatTiles;
 use super::k4::K4Tiles;
 use super::pack::Tiled;
+use super::s2::S2Tiles;
+use super::s3::S3Tiles;
 use super::s4::S4Tiles;
 use super::Isa;
 use crate::quant::QuantType;
@@ -169,5 +171,7 @@ pub(crate) fn for_qtype(qtype: QuantType, rows: usize, cols: usize) -> Box<dyn L
         QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl => Box::new(Tiled::new(qtype, rows, cols)),
         QuantType::Q4K => Box::new(K4Tiles::new(rows, cols)),
         QuantType::Q4S => Box::new(S4Tiles::new(rows, cols)),
+        QuantType::Q3S => Box::new(S3Tiles::new(rows, cols)),
+        QuantType::Q2S => Box::new(S2Tiles::new(rows, cols)),
     }
 }

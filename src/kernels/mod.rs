@@ -60,6 +60,8 @@ mod k4;
 mod layout;
 mod pack;
 mod pool;
+mod s2;
+mod s3;
 mod s4;
 
 #[cfg(target_arch = "x86_64")]
