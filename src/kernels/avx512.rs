@@ -469,26 +469,42 @@ unsafe fn s3_tile<const T: usize>(j: &Job<S3Tiles>, ti: usize, t0: usize) {
     store_tile(j.y, j.ystride, j.rows, ti, t0, &acc);
 }
 
-/// The (biased) table values of one q2_s block's 32 weights of 16 rows, group by group.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn decode_s2(blk: *const u8, tbl: __m512i) -> [__m512i; 8] {
+/// The (biased) table values of one q2_s block's 32 weights of 16 rows, group by group. With
+/// VBMI, `vpermb` reads only bits 0-5 of each shifted byte, so a table repeated 16 times over
+/// its 64 entries ignores the neighbouring crumbs and no mask is needed; else mask and `pshufb`.
+#[inline(always)]
+unsafe fn decode_s2<const VBMI: bool>(blk: *const u8, tbl: __m512i) -> [__m512i; 8] {
     let crumbs = [_mm512_load_si512(blk as *const _), _mm512_load_si512(blk.add(64) as *const _)];
     let m3 = _mm512_set1_epi8(3);
     let mut w = [_mm512_setzero_si512(); 8];
     for g in 0..8 {
-        let c = _mm512_and_si512(shift_right16(crumbs[g / 4], 2 * (g % 4) as i32), m3);
-        w[g] = _mm512_shuffle_epi8(tbl, c);
+        let c = shift_right16(crumbs[g / 4], 2 * (g % 4) as i32);
+        w[g] = if VBMI {
+            _mm512_permutexvar_epi8(c, tbl)
+        } else {
+            _mm512_shuffle_epi8(tbl, _mm512_and_si512(c, m3))
+        };
     }
     w
 }
 
 /// Tokens t0..t0+T through q2_s tile `ti`: four quarter sums per block (each started at its
 /// bias correction) combined by the integer sub-scales (see `s2`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn s2_tile_vbmi<const T: usize>(j: &Job<S2Tiles>, ti: usize, t0: usize) {
+    s2_tile::<T, true>(j, ti, t0)
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn s2_tile<const T: usize>(j: &Job<S2Tiles>, ti: usize, t0: usize) {
+unsafe fn s2_tile_plain<const T: usize>(j: &Job<S2Tiles>, ti: usize, t0: usize) {
+    s2_tile::<T, false>(j, ti, t0)
+}
+
+#[inline(always)]
+unsafe fn s2_tile<const T: usize, const VBMI: bool>(j: &Job<S2Tiles>, ti: usize, t0: usize) {
     let base = j.data.add(ti * j.layout.tile_bytes());
-    let tbl = _mm512_broadcast_i32x4(_mm_loadu_si128(s2::UTABLE.as_ptr() as *const __m128i));
+    // The table in each 16-byte lane (pshufb), which is also every 4 entries of 64 (vpermb).
+    let tbl = _mm512_broadcast_i32x4(_mm_loadu_si128(s2::UTABLE4.as_ptr() as *const __m128i));
     let (low, eight) = (_mm512_set1_epi32(15), _mm512_set1_epi32(8));
     let acts = j.acts;
     let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
@@ -505,7 +521,7 @@ unsafe fn s2_tile<const T: usize>(j: &Job<S2Tiles>, ti: usize, t0: usize) {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
             }
             let b = s * s2::SUB + sub;
-            let w = decode_s2(sb.add(sub * s2::BLK_BYTES), tbl);
+            let w = decode_s2::<VBMI>(sb.add(sub * s2::BLK_BYTES), tbl);
             let mut sc = [_mm512_setzero_si512(); 4];
             for p in 0..2 {
                 let u = _mm512_cvtepu8_epi32(_mm_load_si128(sb.add(s2::SC_OFF + 32 * sub + 16 * p) as *const __m128i));
@@ -564,6 +580,10 @@ impl Avx512Tiles for S3Tiles {
 
 impl Avx512Tiles for S2Tiles {
     unsafe fn tiles_avx512(j: &Job<Self>, tiles: Range<usize>) {
-        by_tokens!(j, tiles, s2_tile)
+        if std::arch::is_x86_feature_detected!("avx512vbmi") {
+            by_tokens!(j, tiles, s2_tile_vbmi)
+        } else {
+            by_tokens!(j, tiles, s2_tile_plain)
+        }
     }
 }

@@ -56,6 +56,18 @@ pub(crate) const UTABLE: [u8; 16] = {
     t
 };
 
+/// `UTABLE`'s four values repeated: a table for indices with junk above their two bits.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) const UTABLE4: [u8; 16] = {
+    let mut t = [0u8; 16];
+    let mut n = 0;
+    while n < 16 {
+        t[n] = UTABLE[n % 4];
+        n += 1;
+    }
+    t
+};
+
 const _: () = assert!(SB_BYTES == 21 * 64 && BLOCK_BYTES == QS + QK_S / 4 && SUB * QK == QK_S);
 
 /// Geometry of a q2_s matrix.
