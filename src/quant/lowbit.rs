@@ -1,19 +1,22 @@
-//! The scale search shared by the low-bit super-block types (q3_s, q2_s). A super-block is `NSUB`
-//! sub-blocks of `N` weights; sub-block `j` decodes as `d * s[j] * grid[sel[j]][n]`, with `d`
-//! the super-block's real scale, `s[j]` a signed integer, `sel[j]` which of the type's `NG`
-//! grids of `L` int8 levels it uses and `n` the weight's index into that grid.
+//! The scale search shared by the low-bit super-block types (q3_s, q2_s). A super-block is `NP`
+//! pieces of `N` weights; `h` consecutive pieces form a unit sharing one signed integer scale
+//! `s[k]` under the super-block's real scale `d`, and each piece picks one of the type's `NG`
+//! grids of `L` int8 levels: piece `j` decodes as `d * s[j / h] * grid[sel[j]][n]`. (q3_s:
+//! pieces of 16, units of 32, two grids; q2_s: pieces and units of 8, one grid.)
 //!
 //! The error minimised is `sum_i w_i (x_i - q_i)^2`, `w_i` the importance of weight `i` (ones
 //! when the caller has none). For a fixed scale the best index of each weight is its nearest
-//! grid level whatever its importance, so only the scales are searched:
+//! grid level whatever its importance, and the best grid of a piece is the one with the least
+//! error at that scale, so only the scales are searched:
 //!
-//! 1. each sub-block, on each grid, gets its best real scale: its largest weight is placed at a
-//!    few positions near both ends of the grid (the grids are not symmetric, so the sign of the
-//!    scale matters), each assignment gets its weighted least-squares scale, the best is
-//!    re-assigned and refit while the error falls; the grid with the least error is kept;
-//! 2. `d` starts at the largest real scale over the integer range, each `s[j]` is the better of
-//!    the two integers either side of `a[j] / d`, `d` is refit by weighted least squares over the
-//!    super-block for those integers and the integers chosen again, while the error falls.
+//! 1. each unit gets its best real scale: its largest weight is placed at a few positions near
+//!    both ends of the first grid (the grids are not symmetric, so the sign of the scale
+//!    matters), each piece takes its best grid at each such scale, each assignment gets its
+//!    weighted least-squares scale, the best is re-assigned and refit while the error falls;
+//! 2. `d` starts at the largest real scale over the integer range, each `s[k]` is the better of
+//!    the two integers either side of `a[k] / d` (each piece on its best grid at that scale),
+//!    `d` is refit by weighted least squares over the super-block for those integers and the
+//!    integers chosen again, while the error falls.
 //!
 //! Everything is plain f32 arithmetic in a fixed order (eight lanes, summed pairwise), so the
 //! AVX2 build and the portable build give the same bytes.
@@ -26,7 +29,7 @@ pub(crate) const TINY: f32 = 1e-30;
 /// Fractions of each grid end at which a sub-block's largest weight is tried. Below 1 the
 /// largest weight lands inside the grid; above 1 it is clipped to the end level, which pays when
 /// one weight stands far out from the rest.
-const FRACTIONS: [f32; 8] = [0.55, 0.7, 0.8, 0.88, 0.95, 1.02, 1.1, 1.22];
+const FRACTIONS: [f32; 6] = [0.6, 0.75, 0.86, 0.95, 1.05, 1.2];
 const NPOS: usize = 2 * FRACTIONS.len();
 
 /// `NG` grids of `L` ascending levels, with the midpoints between neighbours (nearest-level
@@ -208,7 +211,7 @@ fn search_unit<const L: usize, const NG: usize, const N: usize, const NP: usize>
     // outer level: an inner level would need a scale many times larger, which could overflow
     // the f16 `d` and would coarsen the other sub-blocks' integer scales.
     let (mut bgx, mut bgg) = (0f32, 0f32);
-    for g in 0..NG {
+    for g in 0..NG.min(1) {
         for &p in &grids.positions[g] {
             let (_, gx, gg) = unit_at(x, w, grids, j0, h, xm / p, &mut sel);
             if gg <= 0.0 {
