@@ -89,6 +89,7 @@ impl QActs {
 
     /// Bias corrections of vector `t`.
     #[inline(always)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn c_ptr(&self, t: usize) -> *const i32 {
         self.c[t * self.nbp..].as_ptr()
     }
@@ -101,6 +102,7 @@ impl QActs {
 
     /// Half-block bias corrections of vector `t`: `[lo, hi]` per block.
     #[inline(always)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn h_ptr(&self, t: usize) -> *const i32 {
         self.h[2 * t * self.nbp..].as_ptr()
     }

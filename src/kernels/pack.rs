@@ -82,6 +82,7 @@ impl Tiled {
     }
 
     /// The nibble table biased by 128, as `vpdpbusd`'s unsigned operand wants it.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn unsigned_table(&self) -> [u8; 16] {
         self.table.map(|v| (v as u8) ^ 0x80)
     }
