@@ -2,14 +2,14 @@
 //! (rows = output channels, blocks along `cols`) in a runtime layout and multiplies it by
 //! activations.
 //!
-//! * q8_0 / q4_0 / iq4_nl / q4_k / q4_s: activations are quantized per block of 32 to int8 with
-//!   an f32 scale (`act`), then integer dot products per block, scaled and summed in f32 (q4_k's
-//!   offsets meet the exact f32 block sums: `k4`; q4_s's half-block scales apply in integers:
-//!   `s4`).
+//! * q8_0 / q4_0 / iq4_nl / q4_k / q4_s / q3_s / q2_s: activations are quantized per block of 32
+//!   to int8 with an f32 scale (`act`), then integer dot products per block, scaled and summed in
+//!   f32 (q4_k's offsets meet the exact f32 block sums: `k4`; q4_s's half-block scales apply in
+//!   integers: `s4`, as do q3_s's block scales, `s3`, and q2_s's quarter-block scales, `s2`).
 //! * bf16 / f32: f32 products and sums, exact to f32 rounding (`float`).
 //!
-//! All are stored in tiles of 16 rows (`pack`, `float`, `k4`, `s4`), so that each thread streams
-//! one contiguous run of memory and each output row is one vector lane. Repacking happens in
+//! All are stored in tiles of 16 rows (`pack`, `float`, `k4`, `s4`, `s3`, `s2`), so that each
+//! thread streams one contiguous run of memory and each output row is one vector lane. Repacking happens in
 //! `from_bytes` and `reload` (the latter reuses the memory: use it for weights streamed in and
 //! out).
 //!
@@ -60,6 +60,8 @@ mod k4;
 mod layout;
 mod pack;
 mod pool;
+mod s2;
+mod s3;
 mod s4;
 
 #[cfg(target_arch = "x86_64")]
