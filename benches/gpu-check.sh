@@ -150,9 +150,11 @@ PY
 prompt_tokens=64
 gen_tokens=16
 # A device run must say it is on the device: its placement line never says "on the CPU".
-on_device() {  # log
+# When it does, its result (RESULT) is removed, so that no CPU number passes for the device's.
+on_device() {  # log result
     if grep -q "running on the CPU" "$out/$1"; then
         fail "$1 ran on the CPU: $(grep -m1 'running on the CPU' "$out/$1")"
+        rm -f "$2"
         return 1
     fi
 }
@@ -161,8 +163,8 @@ on_device() {  # log
 step "planner tests" test-gpu_plan.txt "$bin/test-gpu_plan"
 step "GPU kernels vs CPU on random data" test-gpu.txt "$bin/test-gpu" --test-threads 1 --nocapture
 if [ $dry -eq 0 ] && grep -q "skipping" "$out/test-gpu.txt"; then
-    fail "GPU tests skipped on the GPU machine:"
-    grep -B1 "skipping" "$out/test-gpu.txt" | tee -a "$summary"
+    fail "$(grep -c skipping "$out/test-gpu.txt") GPU tests skipped on the GPU machine, for example:"
+    grep -m3 "skipping" "$out/test-gpu.txt" | cut -c1-240 | sed 's/^/     /' | tee -a "$summary"
 fi
 grep -E "^test result|largest error|^GPU:" "$out/test-gpu.txt" | sed 's/^/     /' | tee -a "$summary"
 if [ $dry -eq 0 ]; then
@@ -204,7 +206,7 @@ PY
             rm -f "$out/logits-$fx-$q-$mode.npy"
             step "logits $fx $q $mode" "$log" "$bin/grok1-run" logits --model "$m" --tokens "$tokens" \
                 --decode-from "$half" --out "$out/logits-$fx-$q-$mode.npy" "${flag[@]}" || continue
-            [ $mode = cpu ] || on_device "$log"
+            [ $mode = cpu ] || on_device "$log" "$out/logits-$fx-$q-$mode.npy"
         done
         # bf16 against the golden logits; q4 against the CPU run of the same files.
         for mode in cpu gpu-all gpu-part; do
@@ -284,7 +286,7 @@ for preset in "${models[@]}"; do
         # Its stdout (the JSON) to the .json file, its stderr (where it was placed) to the log.
         step "bench $preset $mode ${flag[*]}" "bench-$preset-$mode.log" bash -c 'o=$1; shift; exec "$@" > "$o"' _ \
             "$out/bench-$preset-$mode.json" "$bin/grok1-run" bench --model "$m" --prompt-tokens $prompt_tokens --gen-tokens $gen_tokens \
-            --json "${flag[@]}" && { [ $mode = cpu ] || on_device "bench-$preset-$mode.log"; }
+            --json "${flag[@]}" && { [ $mode = cpu ] || on_device "bench-$preset-$mode.log" "$out/bench-$preset-$mode.json"; }
     done
 done
 
