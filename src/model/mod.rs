@@ -12,5 +12,5 @@ pub mod ops;
 pub mod weights;
 
 pub use grok::{Model, Scratch};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvDropList};
 pub use weights::{LayerWeights, Weights};

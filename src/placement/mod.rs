@@ -211,6 +211,15 @@ impl PlacedModel {
         self.device.as_ref().map(Device::plan)
     }
 
+    /// The emulated device, when the run is on one.
+    pub fn emulated_device(&self) -> Option<&EmulatedDevice> {
+        match self.device.as_ref()? {
+            Device::Emulated(d, _) => Some(d),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(..) => None,
+        }
+    }
+
     /// The device's counts so far, when there is one.
     pub fn gpu_stats(&self) -> Option<GpuStats> {
         match self.device.as_ref()? {
