@@ -39,7 +39,9 @@
 //!    check NEON with `.ci/neon.sh`).
 //! 5. The GPU side, which matches `QuantType` too: `src/gpu/source.rs` (`matvec_kernel`,
 //!    `matmul_kernel`, whose kernels live in `src/gpu/cu/matvec.cu` and `matmul.cu`) and
-//!    `src/gpu/layout.rs` (`DeviceLayout::dequantize_row`).
+//!    `src/gpu/layout.rs` (`DeviceLayout::dequantize_row`); or, for a type with no device
+//!    kernel (q3_s, q2_s), one arm in `gpu::layout::unsupported`, which keeps its matrices on
+//!    the CPU and makes the plan say so.
 //! 6. Tests and benches that list types: in `tests/kernels.rs`, `is_int` (and `is_super` for
 //!    256-weight super-blocks) and the resident size `reload_replaces_weights` expects;
 //!    `ggml_type` in `tests/ggml_crosscheck.rs` (the ggml twin, or none); for super-block
@@ -50,7 +52,9 @@
 //! 7. Docs: `formats/blocks.md` (the table and a section) and the qtype list in
 //!    `formats/README.md`.
 //!
-//! `matrix.rs`, the activation quantizer and the thread pool need no change.
+//! The thread pool and the rest of `matrix.rs` need no change, nor does the activation
+//! quantizer (`act`) for sub-block scales of 16 weights or more; q2_s's 8-weight scales needed
+//! one more set of partial sums there (per 8-weight quarter).
 
 mod act;
 mod bandwidth;
