@@ -37,7 +37,7 @@ fn ggml_type(t: QuantType) -> ggml::ggml_type {
         QuantType::Iq4Nl => ggml::ggml_type_GGML_TYPE_IQ4_NL,
         QuantType::Q4K => ggml::ggml_type_GGML_TYPE_Q4_K,
         QuantType::F32 | QuantType::Bf16 => unreachable!("not a block type"),
-        QuantType::Q4S => unreachable!("q4_s is ours: ggml has no such type"),
+        QuantType::Q4S | QuantType::Q3S | QuantType::Q2S => unreachable!("{t} is ours: ggml has no such type"),
     }
 }
 
