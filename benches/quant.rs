@@ -1,5 +1,6 @@
 //! Quantizer and dequantizer throughput, one thread, for every block type.
-//! Run: `cargo bench --bench quant`.
+//! Run: `cargo bench --bench quant`; `cargo bench --bench quant -- q4_s` measures only the types
+//! whose name contains `q4_s` (criterion's filter, which the table follows too).
 //!
 //! Two measurements: first a table in weights per second of the thread's own CPU time (what one
 //! core sustains, unaffected by other processes competing for the cores), then criterion's
@@ -14,7 +15,10 @@ const COLS: usize = 4096;
 const ROWS: usize = 64;
 
 fn thread_cpu_seconds() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec, which `ts` is.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
@@ -36,10 +40,13 @@ fn per_cpu_second(n: usize, mut f: impl FnMut()) -> f64 {
     n as f64 / best
 }
 
-fn cpu_time_table(w: &[f32]) {
+fn cpu_time_table(w: &[f32], filter: Option<&str>) {
     println!("one thread, weights per CPU-second (rows of {COLS}, gaussian):");
     println!("{:8} {:>14} {:>14}", "type", "quantize", "dequantize");
     for t in QuantType::ALL {
+        if filter.is_some_and(|f| !t.name().contains(f)) {
+            continue;
+        }
         let rb = t.row_bytes(COLS).unwrap();
         let mut bytes = vec![0u8; rb * ROWS];
         let q = per_cpu_second(w.len(), || {
@@ -102,8 +109,14 @@ fn main() {
     let w = sample(Dist::Gaussian, ROWS * COLS, 1);
     let mut c = Criterion::default().configure_from_args();
     // `cargo test --benches` runs this in test mode: skip the slow table there.
-    if !std::env::args().any(|a| a == "--test" || a == "--list") {
-        cpu_time_table(&w);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--test" || a == "--list") {
+        // Criterion's filter is its one positional argument (`cargo bench` also passes `--bench`).
+        let filter = args
+            .iter()
+            .find(|a| !a.starts_with('-'))
+            .map(String::as_str);
+        cpu_time_table(&w, filter);
     }
     wall_clock(&mut c, &w);
     c.final_summary();

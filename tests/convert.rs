@@ -1,6 +1,7 @@
 //! The converter end to end: fixtures in both namings convert and verify; corruption is found
 //! and named; killed conversions resume to identical bytes; bad input gets its own error.
 
+mod common;
 mod support;
 
 use grok1::checkpoint;
@@ -143,7 +144,7 @@ fn a_flipped_byte_anywhere_is_found_and_named() {
                 ));
             }
         }
-        for (off, expect) in targets.iter().step_by(3) {
+        for (off, expect) in &targets {
             let bad = tmp.path().join("bad");
             let _ = std::fs::remove_dir_all(&bad);
             copy_dir(&good, &bad);
@@ -178,6 +179,131 @@ fn a_flipped_byte_anywhere_is_found_and_named() {
     assert!(!out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], false);
+}
+
+/// `verify` on a copy of `good` changed by `edit`: the problems' texts, after asserting that the
+/// report fails and that the CLI exits non-zero.
+fn verify_edited(good: &Path, bad: &Path, edit: impl FnOnce(&Path)) -> Vec<String> {
+    let _ = std::fs::remove_dir_all(bad);
+    copy_dir(good, bad);
+    edit(bad);
+    let r = verify(bad, &no_progress).unwrap();
+    assert!(!r.ok, "verify passed a damaged model");
+    let out = run(convert_bin().args(["verify"]).arg(bad));
+    assert!(!out.status.success(), "the CLI passed a damaged model: {}", stdout(&out));
+    r.problems.iter().map(|p| p.to_string()).collect()
+}
+
+fn assert_named(text: &[String], expect: &str) {
+    assert!(text.iter().any(|t| t.contains(expect)), "{expect:?} not in {text:?}");
+}
+
+/// Every kind of file a converted model holds, damaged: the tokenizer (a flipped byte, cut
+/// short, missing), the manifest (not JSON, and each kind of field edited: hashes, offsets,
+/// sizes, shapes, types), and zstd chunks (a flipped byte in every chunk, and a manifest that
+/// records other tensor hashes for bytes that decompress fine). Each is found and named.
+/// Plant: drop the tensor hashing of compressed chunks or the shape check from
+/// `src/format/verify.rs` and the matching case fails.
+#[test]
+fn every_file_kind_damaged_is_found_and_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_dir(&micro_hf(), &src);
+    std::fs::write(src.join("tokenizer.model"), (0..1000u32).map(|i| (i * 7) as u8).collect::<Vec<u8>>()).unwrap();
+    let good = tmp.path().join("good");
+    let o = ConvertOptions { compression: Compression::Zstd, ..opts(QuantType::Q8_0, QuantType::Bf16) };
+    convert_dir(&src, &good, &o).unwrap();
+    assert!(verify(&good, &no_progress).unwrap().ok);
+    let m = Manifest::load(&good.join(MANIFEST_FILE)).unwrap();
+    assert!(m.tokenizer.is_some() && m.experts.iter().all(|c| c.compression == Compression::Zstd));
+    let bad = tmp.path().join("bad");
+
+    // The tokenizer.
+    let tok = |edit: &dyn Fn(&Path)| verify_edited(&good, &bad, |d| edit(&d.join("tokenizer.model")));
+    let t = tok(&|p| {
+        let mut b = std::fs::read(p).unwrap();
+        b[500] ^= 1;
+        std::fs::write(p, b).unwrap();
+    });
+    assert_named(&t, "tokenizer.model: sha256 mismatch");
+    let t = tok(&|p| std::fs::write(p, &std::fs::read(p).unwrap()[..999]).unwrap());
+    assert_named(&t, "tokenizer.model: 999 bytes, the manifest says 1000");
+    let t = tok(&|p| std::fs::remove_file(p).unwrap());
+    assert_named(&t, "tokenizer.model: No such file");
+
+    // Every compressed chunk, a byte flipped in the middle of its stored bytes.
+    for c in &m.experts {
+        let file = &m.shards[c.shard].file;
+        let t = verify_edited(&good, &bad, |d| {
+            let p = d.join(file);
+            let mut b = std::fs::read(&p).unwrap();
+            b[(c.offset + c.bytes / 2) as usize] ^= 0x10;
+            std::fs::write(&p, b).unwrap();
+        });
+        assert_named(&t, &format!("{file}: expert chunk (layer {}, expert {}): sha256 mismatch", c.layer, c.expert));
+        assert_named(&t, &format!("{file}: shard sha256 mismatch"));
+    }
+
+    // The manifest: not JSON at all, then each kind of field edited.
+    let t = verify_edited(&good, &bad, |d| {
+        let p = d.join(MANIFEST_FILE);
+        let b = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &b[..b.len() / 2]).unwrap();
+    });
+    assert_named(&t, "manifest.json: not a valid manifest");
+    let edit_manifest = |f: &dyn Fn(&mut serde_json::Value)| {
+        verify_edited(&good, &bad, |d| {
+            let p = d.join(MANIFEST_FILE);
+            let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            f(&mut v);
+            std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+        })
+    };
+    let flip_hex = |v: &mut serde_json::Value| {
+        let s = v.as_str().unwrap();
+        let c = if s.starts_with('0') { '1' } else { '0' };
+        *v = serde_json::Value::String(format!("{c}{}", &s[1..]));
+    };
+    let shard0 = &m.shards[0].file;
+    assert_named(&edit_manifest(&|v| flip_hex(&mut v["shards"][0]["sha256"])), &format!("{shard0}: shard sha256 mismatch"));
+    let t = edit_manifest(&|v| v["shards"][0]["bytes"] = (m.shards[0].bytes + 1).into());
+    assert_named(&t, &format!("{shard0}: truncated"));
+    let d0 = &m.dense[1];
+    let dense_file = &m.shards[d0.shard].file;
+    let t = edit_manifest(&|v| flip_hex(&mut v["dense"][1]["sha256"]));
+    assert_named(&t, &format!("{dense_file}: tensor {}: sha256 mismatch", d0.name));
+    let t = edit_manifest(&|v| v["dense"][1]["offset"] = (d0.offset + 64).into());
+    assert_named(&t, &format!("tensor {}", d0.name));
+    // A 2-D dense tensor with its dimensions swapped: same bytes, same hash, wrong shape.
+    let (qi, q) = m.dense.iter().enumerate().find(|(_, d)| d.shape.len() == 2 && d.shape[0] != d.shape[1]).unwrap();
+    let t = edit_manifest(&|v| v["dense"][qi]["shape"] = serde_json::json!([q.shape[1], q.shape[0]]));
+    assert_named(&t, &format!("manifest.json: tensor {}: shape [{}, {}], the config gives {:?}", q.name, q.shape[1], q.shape[0], q.shape));
+    let t = edit_manifest(&|v| v["dense"][qi]["qtype"] = "q8_0".into());
+    assert_named(&t, &format!("manifest.json: tensor {}: {} bytes, but q8_0", q.name, q.bytes));
+    let t = edit_manifest(&|v| v["dense"][qi]["name"] = "blk.0.attn_x".into());
+    assert_named(&t, "manifest.json: tensor blk.0.attn_x: not a dense tensor of this config");
+    assert_named(&t, &format!("manifest.json: tensor {}: missing", q.name));
+    let c0 = &m.experts[0];
+    let chunk0 = format!("expert chunk (layer {}, expert {})", c0.layer, c0.expert);
+    let t = edit_manifest(&|v| flip_hex(&mut v["experts"][0]["sha256"]));
+    assert_named(&t, &format!("{chunk0}: sha256 mismatch"));
+    let t = edit_manifest(&|v| v["experts"][0]["offset"] = (c0.offset + 8).into());
+    assert_named(&t, &chunk0);
+    let t = edit_manifest(&|v| v["experts"][0]["raw_bytes"] = (c0.raw_bytes + 32).into());
+    assert_named(&t, &format!("{chunk0}: decompresses to {} bytes, the manifest says {}", c0.raw_bytes, c0.raw_bytes + 32));
+    // The stored bytes are intact; only what they decompress to disagrees with the manifest.
+    let t = edit_manifest(&|v| flip_hex(&mut v["experts"][0]["tensors"][2]["sha256"]));
+    assert_named(&t, &format!("{chunk0}: sha256 mismatch in tensor(s) down"));
+    let t = edit_manifest(&|v| v["experts"][0]["tensors"][0]["shape"] = serde_json::json!([c0.tensors[0].shape[1], c0.tensors[0].shape[0]]));
+    assert_named(&t, &format!("manifest.json: {chunk0}: tensor gate: shape"));
+    let t = edit_manifest(&|v| v["experts"][0]["tensors"][1]["qtype"] = "q4_0".into());
+    assert_named(&t, &format!("manifest.json: {chunk0}: tensor up: {} bytes, but q4_0", c0.tensors[1].bytes));
+    let t = edit_manifest(&|v| v["experts"][0]["tensors"][1]["proj"] = "gate".into());
+    assert_named(&t, &format!("manifest.json: {chunk0}: 2 gate tensors, expected one"));
+    let t = edit_manifest(&|v| v["config"]["d_model"] = (m.config.d_model * 2).into());
+    assert_named(&t, "manifest.json: tensor token_embd: shape");
+    let t = edit_manifest(&|v| flip_hex(&mut v["tokenizer"]["sha256"]));
+    assert_named(&t, "tokenizer.model: sha256 mismatch");
 }
 
 #[test]
@@ -278,12 +404,69 @@ fn q4_is_q4_s_with_iq4_nl_for_other_rows() {
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["iq4_nl", "q4_s"]);
 }
 
+/// q4_s on the micro fixtures, whose expert rows are 64 and 128 wide (no whole 256-weight
+/// super-block): every expert tensor falls back to iq4_nl, the manifest still records q4_s as
+/// what was asked for, the expert bytes are exactly an iq4_nl conversion's, and the converted
+/// model runs to the same logits as that conversion, bit for bit, and is no measurably worse
+/// than q4_0 (ggml's quantizer) against the golden logits, the bound of `tests/model.rs`.
+/// Plant: have `QuantType::int4_for` keep q4_s for short rows, or fall back to q4_0, and the
+/// type and byte checks fail.
+#[test]
+fn q4_s_on_micro_falls_back_to_iq4_nl_and_runs_to_the_golden_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut kl: std::collections::HashMap<QuantType, Vec<f64>> = std::collections::HashMap::new();
+    for f in [common::micro_hf(), common::micro_hpcai()] {
+        let toks = f.tokens();
+        let golden = f.golden();
+        let mut logits = std::collections::HashMap::new();
+        let mut models = std::collections::HashMap::new();
+        for e in [QuantType::Q4S, QuantType::Iq4Nl, QuantType::Q4_0] {
+            let dst = tmp.path().join(format!("{}-{e}", f.name.replace('/', "-")));
+            convert_dir(&f.dir, &dst, &opts(e, QuantType::Q8_0)).unwrap();
+            assert!(verify(&dst, &no_progress).unwrap().ok, "{} {e}", f.name);
+            let m = ConvertedModel::open(&dst).unwrap();
+            assert_eq!(m.manifest.quant.experts, e, "{}: the manifest records the type asked for", f.name);
+            let w = grok1::model::load::load_weights(&m, &mut |_| {}).unwrap();
+            let model = grok1::model::Model::new(m.config().clone(), w).unwrap();
+            let mut cache = grok1::model::KvCache::new(m.config(), toks.all.len());
+            logits.insert(e, model.prefill(&toks.all, &mut cache, true).unwrap());
+            models.insert(e, m);
+        }
+        let (q4_s, iq4_nl) = (&models[&QuantType::Q4S], &models[&QuantType::Iq4Nl]);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for c in &q4_s.manifest.experts {
+            for t in &c.tensors {
+                assert!(t.shape[1] % 256 != 0, "{}: micro's rows were expected to be short", f.name);
+                assert_eq!(t.qtype, QuantType::Iq4Nl, "{}: layer {} expert {} {:?}", f.name, c.layer, c.expert, t.proj);
+            }
+            q4_s.read_expert(c.layer, c.expert, &mut a).unwrap();
+            iq4_nl.read_expert(c.layer, c.expert, &mut b).unwrap();
+            assert!(a == b, "{}: layer {} expert {}: q4_s's fallback bytes are not iq4_nl's", f.name, c.layer, c.expert);
+        }
+        assert!(logits[&QuantType::Q4S] == logits[&QuantType::Iq4Nl], "{}: logits differ from iq4_nl's", f.name);
+        for e in [QuantType::Q4S, QuantType::Q4_0] {
+            kl.entry(e).or_insert_with(Vec::new).extend(common::kl_per_position(&golden, &logits[&e]));
+        }
+    }
+    // Against golden: no measurably worse than q4_0 (ggml's quantizer), the bound of
+    // `tests/model.rs`, on both fixtures' positions.
+    let (excess, two_se) = common::paired_excess(&kl[&QuantType::Q4S], &kl[&QuantType::Q4_0], 1.0);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    eprintln!(
+        "micro: q4_s mean KL {:.3e}, q4_0 {:.3e} over {} positions; excess {excess:+.2e}, 2 standard errors {two_se:.2e}",
+        mean(&kl[&QuantType::Q4S]),
+        mean(&kl[&QuantType::Q4_0]),
+        kl[&QuantType::Q4S].len()
+    );
+    assert!(excess <= two_se, "q4_s on micro is measurably worse than q4_0");
+}
+
 /// Convert `src` with the CLI and return stderr, asserting failure and no manifest.
 fn expect_failure(src: &Path, dst: &Path, extra: &[&str]) -> String {
     let out = run(convert_bin().arg("convert").arg(src).arg(dst).args(extra));
     assert!(!out.status.success(), "conversion of {} should fail", src.display());
     assert!(!dst.join(MANIFEST_FILE).exists(), "a failed conversion left a manifest");
-    if dst.exists() {
+    if dst.is_dir() {
         for e in std::fs::read_dir(dst).unwrap() {
             let n = e.unwrap().file_name().to_string_lossy().into_owned();
             assert!(!n.ends_with(".tmp"), "a failed conversion left {n}");
@@ -399,12 +582,22 @@ fn each_bad_input_gets_its_own_error() {
     let e = expect_failure(&micro_hf(), &full, &[]);
     assert!(e.contains("not empty"), "{e}");
 
-    let ro = t.join("readonly");
-    std::fs::create_dir_all(&ro).unwrap();
+    // Tests run as root, for whom a read-only directory is writable; what fails for anyone is a
+    // destination under a regular file (no directory can be made there) or a destination that
+    // is itself a regular file. Either error names the path, and the file is left as it was.
+    // (Plant: `.at("destination")` for `.at(dst)` on prepare_destination's create_dir_all in
+    // src/convert.rs; the first assertion fails.)
     let file_as_parent = t.join("plainfile");
     std::fs::write(&file_as_parent, b"x").unwrap();
-    let e = expect_failure(&micro_hf(), &file_as_parent.join("out"), &[]);
-    assert!(e.contains("plainfile"), "{e}");
+    let under = file_as_parent.join("out");
+    let e = expect_failure(&micro_hf(), &under, &[]);
+    assert!(e.contains(&under.display().to_string()), "the error does not name {}: {e}", under.display());
+    assert_eq!(std::fs::read(&file_as_parent).unwrap(), b"x");
+    let e = expect_failure(&micro_hf(), &file_as_parent, &[]);
+    assert!(e.contains(&file_as_parent.display().to_string()), "the error does not name {}: {e}", file_as_parent.display());
+    assert_eq!(std::fs::read(&file_as_parent).unwrap(), b"x", "a failed conversion changed the file");
+    let left: Vec<_> = std::fs::read_dir(&t).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(!left.iter().any(|n| n.to_string_lossy().starts_with("plainfile") && n != "plainfile"), "left {left:?}");
 }
 
 #[test]

@@ -96,60 +96,91 @@ fn greedy_generation_reproduces_the_continuation() {
     }
 }
 
-fn quantized_agreement(f: &Fixture, dense: QuantType, experts: QuantType) -> Agreement {
+fn quantized_logits(f: &Fixture, dense: QuantType, experts: QuantType) -> Vec<f32> {
     let model = f.model(dense, experts);
     let toks = f.tokens();
     let mut cache = KvCache::new(model.config(), toks.all.len());
-    let logits = model.prefill(&toks.all, &mut cache, true).unwrap();
-    compare(&f.golden(), &logits)
+    model.prefill(&toks.all, &mut cache, true).unwrap()
 }
 
-/// Bounds for quantized weights, per expert type, over all fixtures and both dense types.
-///
-/// What the numbers are made of (see the printed table): these random-weight models have nearly
-/// flat logits (standard deviation 0.09-0.18, top-2 margins down to 0.001) and routers full of
-/// near-ties. Per position, the KL divergence is small and steady except where a quantization
-/// error flips an expert choice, which costs 1e-3 to 3e-3 at that one position.
-///
-/// KL divergences are therefore judged against a yardstick from the same fixture: the KL of
-/// unrelated logits (each position's golden row against the next position's), about the logit
-/// variance. For small errors KL ~ var(logit error) / 2, so the ratio is roughly the squared
-/// relative logit error:
-/// * median over positions: insensitive to routing flips, it tracks the weight error alone.
-///   Relative weight errors are ~0.5% rms (q8_0) and ~9% (4-bit) on Gaussian weights; the
-///   integer kernels also round activations to int8 per 32-block (as ggml does), an error of the
-///   same order as q8_0's. Measured ratios are up to ~2e-3 (q8_0) and ~7e-2 (4-bit); the bounds
-///   are 1.5x and 1.5x those;
-/// * mean: the number the llama.cpp reference points use (vs float64 on another model of this
-///   architecture: 9.4e-6 for Q8_0, 1.6e-3 for Q4_0). It includes the routing flips, so it gets
-///   room for several of them on top of the median's bound;
-/// * top-1 agreement is weak evidence at such margins: q8_0 moves logits by ~1e-3 (without flips)
-///   and may turn the closest positions only; 4-bit moves them by ~0.05, a typical margin, so only a bare
-///   majority is required (unrelated logits agree at ~0.3, mostly on repeated tokens);
-/// * max |d| is set by routing flips and is only checked against the scale of the logits.
-struct Bounds {
-    /// Median KL over the median KL of unrelated logits.
-    median_kl_ratio: f64,
-    /// Mean KL over the mean KL of unrelated logits.
-    mean_kl_ratio: f64,
-    top1: f64,
-    max_abs: f64,
-}
+/// The expert types measured against float64 logits. q4_0 is the yardstick: its bytes are
+/// ggml's reference Q4_0 quantizer's, byte for byte (`tests/ggml_crosscheck.rs`), so its KL on
+/// these weights is ggml's Q4_0 KL, a number set outside this project.
+const EXPERT_TYPES: [QuantType; 5] = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Iq4Nl, QuantType::Q4K, QuantType::Q4S];
 
-fn bounds(experts: QuantType) -> Bounds {
-    match experts {
-        QuantType::Q8_0 => Bounds { median_kl_ratio: 3e-3, mean_kl_ratio: 0.05, top1: 0.8, max_abs: 0.5 },
-        _ => Bounds { median_kl_ratio: 0.1, mean_kl_ratio: 0.2, top1: 0.5, max_abs: 1.5 },
+/// q8_0's mean KL may be at most this fraction of q4_0's. Both types scale each block of 32 by
+/// its largest |weight|; q8_0 rounds to steps of max/127, q4_0 to steps of max/8, so q8_0's
+/// rounding error is 8/127 (about 1/16) of q4_0's. KL grows as the square of the logit error
+/// where no expert choice flips (1/256) and about linearly where flips dominate (a flip's rate
+/// grows with the error's size: 1/16). A quarter leaves room for what both share at the same
+/// size whatever the expert type: the int8 rounding of activations and q8_0 dense weights.
+const Q8_0_OF_Q4_0: f64 = 0.25;
+
+/// The bounds, on per-position KLs measured at the same positions for every type of
+/// `EXPERT_TYPES`: iq4_nl, q4_k and q4_s (4.5 bits a weight, as q4_0) may lose no more than
+/// q4_0, q8_0 no more than `Q8_0_OF_Q4_0` of it. On a few hundred positions the mean KL is
+/// noisy (one routing flip costs a position 1e-3), so each bound is a paired test: the mean over
+/// positions of KL_type - bound x KL_q4_0 must not exceed twice its standard error, that is,
+/// the type is not measurably worse than its bound at about 98% confidence. More positions make
+/// the test sharper; no measured value of ours enters it. Types in `printed_only` are printed,
+/// not bounded. Returns the failures.
+fn check_against_q4_0(what: &str, kl: &[(QuantType, Vec<f64>)], printed_only: &[QuantType]) -> Vec<String> {
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let q4_0 = &kl.iter().find(|(t, _)| *t == QuantType::Q4_0).unwrap().1;
+    let mut failures = Vec::new();
+    for (q, v) in kl {
+        let factor = match q {
+            QuantType::Q4_0 => continue,
+            QuantType::Q8_0 => Q8_0_OF_Q4_0,
+            _ => 1.0,
+        };
+        let (m, two_se) = paired_excess(v, q4_0, factor);
+        let line = format!(
+            "{what}: experts {q:<7} mean KL {:.3e} = {:.3}x q4_0's {:.3e}; KL - {factor} x q4_0's: {m:+.2e} (2 standard errors {two_se:.2e})",
+            mean(v),
+            mean(v) / mean(q4_0),
+            mean(q4_0),
+        );
+        eprintln!("{line}");
+        if printed_only.contains(q) {
+            eprintln!("{what}: experts {q} not bounded here (see the test's comment)");
+        } else if !(m <= two_se) {
+            failures.push(line);
+        }
     }
+    failures
 }
 
+/// Quantized weights against the golden float64 logits of the reference implementation, on
+/// every fixture (24 + 24 + 48 positions, pooled per dense and expert type). Where an expert row
+/// is not a whole number of 256-weight super-blocks (micro's 64- and 128-wide rows), q4_k and
+/// q4_s fall back to iq4_nl, as the converter does; that is what runs, so that is what counts.
+///
+/// The bounds are set by q4_0 (ggml's quantizer, see `EXPERT_TYPES`) through the paired test of
+/// `check_against_q4_0`, not by our own output: q4_k and q4_s no worse than q4_0, q8_0 no worse
+/// than `Q8_0_OF_Q4_0` of it. iq4_nl is printed, not bounded, here: on these fixtures' weights
+/// (drawn on the release's int8 grid) it is measurably worse than q4_0 by KL (1.14x with bf16
+/// dense weights, 1.29x and 2.4 standard errors with q8_0), although its weight RMSE is 0.865x
+/// q4_0's on the same weights (`tests/quant.rs`); on Gaussian weights it is 0.80x q4_0's KL and
+/// bounded below (`quantized_experts_against_float64_on_many_positions`). Until that is
+/// understood a bound here would be one fitted to our own output.
+///
+/// Max |d| and top-1 agreement are printed, not bounded: these random-weight models have nearly
+/// flat logits (top-2 margins down to 1e-3), so one routing flip moves max |d| past the distance
+/// between unrelated rows and top-1 is near chance for any 4-bit type. The unrelated-row KL
+/// (each golden row against the next position's) is printed as the scale a structural error
+/// would reach. Plant a fault (in `src/quant/q4_s.rs`'s `quantize_row_generic`, hand
+/// `quantize_block` every third weight times 1.3) and q4_s fails here (1.49x q4_0's KL) and
+/// below (1.40x). A fault that leaves q4_s no worse than q4_0 passes: that is the bound. (A
+/// uniform scale of an expert's weights is no fault to plant: the norm after the MoE removes it.)
 #[test]
 fn quantized_weights_measured_against_golden() {
     eprintln!(
-        "{:<16} {:<6} {:<7} {:>10} {:>11} {:>11} {:>6} {:>9} {:>9}",
-        "fixture", "dense", "experts", "max|d|", "median KL", "mean KL", "top1", "med/unrel", "mean/unrel"
+        "{:<16} {:<6} {:<7} {:>10} {:>11} {:>11} {:>6}",
+        "fixture", "dense", "experts", "max|d|", "median KL", "mean KL", "top1"
     );
-    let mut failures = Vec::new();
+    // Per dense type, per expert type: the KL at every golden position of every fixture.
+    let mut pooled: [Vec<Vec<f64>>; 2] = [vec![Vec::new(); EXPERT_TYPES.len()], vec![Vec::new(); EXPERT_TYPES.len()]];
     for f in all_fixtures() {
         let golden = f.golden();
         let t_n = golden.shape[0];
@@ -160,26 +191,68 @@ fn quantized_weights_measured_against_golden() {
             "{:<16} {:<14} {:>10.3e} {:>11.3e} {:>11.3e} {:>6.3}",
             f.name, "(unrelated)", unrelated.max_abs, unrelated.median_kl, unrelated.mean_kl, unrelated.top1
         );
-        let c = f.config();
-        for dense in [QuantType::Bf16, QuantType::Q8_0] {
-            for experts in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4_0, QuantType::Q4S] {
-                // q4_s needs expert rows of whole 256-weight super-blocks: tiny's, not micro's.
-                if experts.row_bytes(c.d_model).is_none() || experts.row_bytes(c.ffn_size).is_none() {
-                    continue;
-                }
-                let a = quantized_agreement(&f, dense, experts);
-                let (med, mean) = (a.median_kl / unrelated.median_kl, a.mean_kl / unrelated.mean_kl);
+        for (d, dense) in [QuantType::Bf16, QuantType::Q8_0].into_iter().enumerate() {
+            for (e, experts) in EXPERT_TYPES.into_iter().enumerate() {
+                let logits = quantized_logits(&f, dense, experts);
+                let a = compare(&golden, &logits);
                 eprintln!(
-                    "{:<16} {:<6} {:<7} {:>10.3e} {:>11.3e} {:>11.3e} {:>6.3} {:>9.2e} {:>9.2e}",
-                    f.name, dense.name(), experts.name(), a.max_abs, a.median_kl, a.mean_kl, a.top1, med, mean
+                    "{:<16} {:<6} {:<7} {:>10.3e} {:>11.3e} {:>11.3e} {:>6.3}",
+                    f.name, dense.name(), experts.name(), a.max_abs, a.median_kl, a.mean_kl, a.top1
                 );
-                let b = bounds(experts);
-                if med > b.median_kl_ratio || mean > b.mean_kl_ratio || a.top1 < b.top1 || a.max_abs > b.max_abs {
-                    failures.push(format!("{} dense {dense} experts {experts}: {a:?}", f.name));
-                }
+                pooled[d][e].extend(kl_per_position(&golden, &logits));
             }
         }
     }
+    let mut failures = Vec::new();
+    for (d, dense) in [QuantType::Bf16, QuantType::Q8_0].into_iter().enumerate() {
+        let kl: Vec<(QuantType, Vec<f64>)> = EXPERT_TYPES.iter().zip(&pooled[d]).map(|(&q, p)| (q, p.clone())).collect();
+        let what = format!("dense {dense}, {} golden positions", pooled[d][0].len());
+        failures.extend(check_against_q4_0(&what, &kl, &[QuantType::Iq4Nl]));
+    }
+    assert!(failures.is_empty(), "outside the bounds:\n{}", failures.join("\n"));
+}
+
+/// `n` pseudo-random token ids in `3..vocab` (past the pad, BOS and EOS ids).
+fn synth_tokens(n: usize, vocab: usize) -> Vec<u32> {
+    let mut x = 12345u64;
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            3 + ((x >> 33) % (vocab as u64 - 3)) as u32
+        })
+        .collect()
+}
+
+/// The golden fixtures hold 96 positions in all; this is the same measurement on 256, cheaply:
+/// the synthetic `tiny` preset (d_model 256, 4 layers, ffn 1024: whole super-blocks, so q4_k and
+/// q4_s run as themselves), its golden logits from the naive float64 forward pass over its bf16
+/// weights (`common::naive_forward`, written from the specification, shares no code with the
+/// runner's forward). Dense weights bf16; bounds as above, set by q4_0.
+#[test]
+fn quantized_experts_against_float64_on_many_positions() {
+    let start = std::time::Instant::now();
+    let preset = grok1::synth::Preset::by_name("tiny").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = grok1::synth::SynthOptions { seed: 5, ..Default::default() };
+    grok1::synth::write(&preset, tmp.path(), &opts, &|_| {}).unwrap();
+    let src = grok1::checkpoint::SafetensorsSource::open(tmp.path()).unwrap();
+    let c = preset.config.clone();
+    let tokens = synth_tokens(256, c.vocab_size);
+    let lossless = grok1::model::Weights::from_source(&src, QuantType::Bf16, QuantType::Bf16).unwrap();
+    let naive = naive_forward(&c, &lossless, &tokens, true);
+    let golden = grok1::npy::NpyArray { shape: vec![tokens.len(), c.vocab_size], data: naive.concat() };
+    drop(lossless);
+    let mut kl = Vec::new();
+    for experts in EXPERT_TYPES {
+        let w = grok1::model::Weights::from_source(&src, QuantType::Bf16, experts).unwrap();
+        let model = Model::new(c.clone(), w).unwrap();
+        let mut cache = KvCache::new(&c, tokens.len());
+        let logits = model.prefill(&tokens, &mut cache, true).unwrap();
+        eprintln!("synth tiny, experts {experts:<7}: {:?}", compare(&golden, &logits));
+        kl.push((experts, kl_per_position(&golden, &logits)));
+    }
+    let failures = check_against_q4_0("synth tiny seed 5, 256 positions", &kl, &[]);
+    eprintln!("({:.1} s)", start.elapsed().as_secs_f64());
     assert!(failures.is_empty(), "outside the bounds:\n{}", failures.join("\n"));
 }
 

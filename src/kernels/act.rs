@@ -5,7 +5,7 @@
 //! Every ISA uses this one quantizer, so all paths see the same integers and differ only in the
 //! order of float additions.
 
-use super::pack::AlignedBuf;
+use super::buf::AlignedBuf;
 use crate::quant::QK;
 
 /// `n` quantized activation vectors, each padded to `nbp` blocks with zeros.
@@ -84,6 +84,7 @@ impl QActs {
 
     /// Bias corrections of vector `t`.
     #[inline(always)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn c_ptr(&self, t: usize) -> *const i32 {
         self.c[t * self.nbp..].as_ptr()
     }
@@ -96,6 +97,7 @@ impl QActs {
 
     /// Half-block bias corrections of vector `t`: `[lo, hi]` per block.
     #[inline(always)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn h_ptr(&self, t: usize) -> *const i32 {
         self.h[2 * t * self.nbp..].as_ptr()
     }

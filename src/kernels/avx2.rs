@@ -7,10 +7,12 @@
 // Kernels index several parallel register arrays by the same loop variable.
 #![allow(clippy::needless_range_loop)]
 
-use super::pack::{IntKind, TILE};
-use super::k4::{self, K4Job};
-use super::s4::{self, S4Job};
-use super::{FloatJob, IntJob};
+use super::float::FloatTiles;
+use super::k4::{self, K4Tiles};
+use super::layout::{Avx2Tiles, Job};
+use super::pack::{IntKind, Tiled, TILE};
+use super::s4::{self, S4Tiles};
+use crate::quant::bytes::MINUS_8_TABLE;
 use std::arch::x86_64::*;
 use std::ops::Range;
 
@@ -27,10 +29,10 @@ const TABLE: u8 = 1;
 /// no sign trick, and `8 * sum(x)` is taken off the block sum.
 const LINEAR: u8 = 2;
 
-pub(crate) unsafe fn int_tiles(j: &IntJob, tiles: Range<usize>) {
-    let kind = match j.t.kind {
+unsafe fn int_tiles(j: &Job<Tiled>, tiles: Range<usize>) {
+    let kind = match j.layout.kind {
         IntKind::Q8 => Q8,
-        IntKind::Nib if j.t.table == std::array::from_fn(|n| n as i8 - 8) => LINEAR,
+        IntKind::Nib if j.layout.table == MINUS_8_TABLE => LINEAR,
         IntKind::Nib => TABLE,
     };
     for ti in tiles {
@@ -102,10 +104,10 @@ unsafe fn isum_start<const KIND: u8>(c: i32) -> __m256i {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<const KIND: u8, const T: usize>(j: &IntJob, ti: usize, t0: usize) {
+unsafe fn tile<const KIND: u8, const T: usize>(j: &Job<Tiled>, ti: usize, t0: usize) {
     const { assert!(KIND <= LINEAR) };
     let nib = KIND != Q8;
-    let t = j.t;
+    let t = j.layout;
     // Compile-time sizes, so the prefetch loop unrolls.
     let (qb, pb) = if nib { (256, 576) } else { (512, 1088) };
     debug_assert_eq!((qb, pb), (t.qbytes(), t.pair_bytes()));
@@ -171,12 +173,12 @@ unsafe fn store_rows<const T: usize>(y: *mut f32, ystride: usize, rows: usize, t
 /// Activation vectors sharing one pass over a float tile (4 accumulators each).
 const MAXT_F: usize = 2;
 
-pub(crate) unsafe fn float_tiles(j: &FloatJob, tiles: Range<usize>) {
+unsafe fn float_tiles(j: &Job<FloatTiles>, tiles: Range<usize>) {
     for ti in tiles {
         let mut t0 = 0;
         while t0 < j.n {
             let m = (j.n - t0).min(MAXT_F);
-            match (j.f.bf16, m) {
+            match (j.layout.bf16, m) {
                 (true, 1) => ftile::<true, 1>(j, ti, t0),
                 (true, _) => ftile::<true, 2>(j, ti, t0),
                 (false, 1) => ftile::<false, 1>(j, ti, t0),
@@ -203,8 +205,8 @@ unsafe fn fpair<const BF: bool>(base: *const u8, c2: usize, h: usize) -> (__m256
 
 /// Tokens t0..t0+T through float tile `ti`; accumulators per token, half tile, column parity.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn ftile<const BF: bool, const T: usize>(j: &FloatJob, ti: usize, t0: usize) {
-    let base = j.data.add(ti * j.f.tile_bytes());
+unsafe fn ftile<const BF: bool, const T: usize>(j: &Job<FloatTiles>, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.layout.tile_bytes());
     let x0 = j.xs.as_ptr().add(t0 * j.cols);
     let mut acc = [[[_mm256_setzero_ps(); 2]; 2]; T];
     let step = if BF { 64 } else { 128 };
@@ -251,7 +253,7 @@ unsafe fn ftile<const BF: bool, const T: usize>(j: &FloatJob, ti: usize, t0: usi
     }
 }
 
-pub(crate) unsafe fn k4_tiles(j: &K4Job, tiles: Range<usize>) {
+unsafe fn k4_tiles(j: &Job<K4Tiles>, tiles: Range<usize>) {
     for ti in tiles {
         let mut t0 = 0;
         while t0 < j.acts.n {
@@ -276,8 +278,8 @@ unsafe fn bytes_f32(p: *const u8) -> __m256 {
 
 /// Tokens t0..t0+T through q4_k tile `ti` (see `k4`), 8 rows at a time.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
-    let base = j.data.add(ti * j.k.tile_bytes());
+unsafe fn k4_tile<const T: usize>(j: &Job<K4Tiles>, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.layout.tile_bytes());
     // q4_k's nibble table is q - 8: linear.
     let stab = _mm256_setzero_si256();
     let ones = _mm256_set1_epi16(1);
@@ -287,7 +289,7 @@ unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
     let xc: [*const i32; T] = std::array::from_fn(|k| acts.c_ptr(t0 + k));
     let xs: [*const f32; T] = std::array::from_fn(|k| acts.s_ptr(t0 + k));
     let mut acc = [[_mm256_setzero_ps(); 2]; T];
-    for s in 0..j.k.nsb {
+    for s in 0..j.layout.nsb {
         let sb = base.add(s * k4::SB_BYTES);
         let ahead = sb.wrapping_add(k4::PF);
         for half in 0..2 {
@@ -321,7 +323,7 @@ unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
     store_rows(j.y, j.ystride, j.rows, ti, t0, &acc);
 }
 
-pub(crate) unsafe fn s4_tiles(j: &S4Job, tiles: Range<usize>) {
+unsafe fn s4_tiles(j: &Job<S4Tiles>, tiles: Range<usize>) {
     for ti in tiles {
         let mut t0 = 0;
         while t0 < j.acts.n {
@@ -347,15 +349,15 @@ unsafe fn bytes_i32(p: *const u8) -> __m256i {
 /// Tokens t0..t0+T through q4_s tile `ti` (see `s4`), 8 rows at a time: the half-block sums of
 /// the table's signed values (low nibbles, then high) combined by the integer sub-scales.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn s4_tile<const T: usize>(j: &S4Job, ti: usize, t0: usize) {
-    let base = j.data.add(ti * j.k.tile_bytes());
+unsafe fn s4_tile<const T: usize>(j: &Job<S4Tiles>, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.layout.tile_bytes());
     let stab = _mm256_broadcastsi128_si256(_mm_loadu_si128(s4::TABLE.as_ptr() as *const __m128i));
     let ones = _mm256_set1_epi16(1);
     let acts = j.acts;
     let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
     let xd: [*const f32; T] = std::array::from_fn(|k| acts.d_ptr(t0 + k));
     let mut acc = [[_mm256_setzero_ps(); 2]; T];
-    for s in 0..j.k.nsb {
+    for s in 0..j.layout.nsb {
         let sb = base.add(s * s4::SB_BYTES);
         let ahead = sb.wrapping_add(s4::PF);
         for half in 0..2 {
@@ -385,4 +387,30 @@ unsafe fn s4_tile<const T: usize>(j: &S4Job, ti: usize, t0: usize) {
         }
     }
     store_rows(j.y, j.ystride, j.rows, ti, t0, &acc);
+}
+
+// The layouts' entry points on this path.
+
+impl Avx2Tiles for Tiled {
+    unsafe fn tiles_avx2(j: &Job<Self>, tiles: Range<usize>) {
+        int_tiles(j, tiles)
+    }
+}
+
+impl Avx2Tiles for FloatTiles {
+    unsafe fn tiles_avx2(j: &Job<Self>, tiles: Range<usize>) {
+        float_tiles(j, tiles)
+    }
+}
+
+impl Avx2Tiles for K4Tiles {
+    unsafe fn tiles_avx2(j: &Job<Self>, tiles: Range<usize>) {
+        k4_tiles(j, tiles)
+    }
+}
+
+impl Avx2Tiles for S4Tiles {
+    unsafe fn tiles_avx2(j: &Job<Self>, tiles: Range<usize>) {
+        s4_tiles(j, tiles)
+    }
 }

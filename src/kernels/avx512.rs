@@ -6,10 +6,11 @@
 // Kernels index several parallel register arrays by the same loop variable.
 #![allow(clippy::needless_range_loop)]
 
-use super::pack::{IntKind, TILE};
-use super::k4::{self, K4Job};
-use super::s4::{self, S4Job};
-use super::{FloatJob, IntJob};
+use super::float::FloatTiles;
+use super::k4::{self, K4Tiles};
+use super::layout::{Avx512Tiles, Job};
+use super::pack::{IntKind, Tiled, TILE};
+use super::s4::{self, S4Tiles};
 use std::arch::x86_64::*;
 use std::ops::Range;
 
@@ -22,8 +23,8 @@ const PF_INT: usize = 2048;
 /// Activation vectors sharing one pass over a tile.
 const MAXT: usize = 8;
 
-pub(crate) unsafe fn int_tiles(j: &IntJob, tiles: Range<usize>) {
-    let nib = j.t.kind == IntKind::Nib;
+unsafe fn int_tiles(j: &Job<Tiled>, tiles: Range<usize>) {
+    let nib = j.layout.kind == IntKind::Nib;
     for ti in tiles {
         let mut t0 = 0;
         while t0 < j.acts.n {
@@ -38,7 +39,7 @@ pub(crate) unsafe fn int_tiles(j: &IntJob, tiles: Range<usize>) {
     }
 }
 
-unsafe fn tile_n<const NIB: bool>(j: &IntJob, ti: usize, t0: usize, m: usize) {
+unsafe fn tile_n<const NIB: bool>(j: &Job<Tiled>, ti: usize, t0: usize, m: usize) {
     match m {
         1 => tile::<NIB, 1>(j, ti, t0),
         2 => tile::<NIB, 2>(j, ti, t0),
@@ -88,8 +89,8 @@ unsafe fn decode_raw(q: *const u8, low: __m512i) -> [__m512i; 8] {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize) {
-    let t = j.t;
+unsafe fn tile<const NIB: bool, const T: usize>(j: &Job<Tiled>, ti: usize, t0: usize) {
+    let t = j.layout;
     // Compile-time sizes, so the prefetch loop unrolls.
     let (qb, pb) = if NIB { (256, 576) } else { (512, 1088) };
     debug_assert_eq!((qb, pb), (t.qbytes(), t.pair_bytes()));
@@ -136,14 +137,14 @@ unsafe fn tile<const NIB: bool, const T: usize>(j: &IntJob, ti: usize, t0: usize
     }
 }
 
-pub(crate) unsafe fn float_tiles(j: &FloatJob, tiles: Range<usize>) {
+unsafe fn float_tiles(j: &Job<FloatTiles>, tiles: Range<usize>) {
     for ti in tiles {
         let mut t0 = 0;
         while t0 < j.n {
             let m = (j.n - t0).min(MAXT);
             macro_rules! go {
                 ($($t:literal)*) => {
-                    match (j.f.bf16, m) {
+                    match (j.layout.bf16, m) {
                         $((true, $t) => ftile::<true, $t>(j, ti, t0),)*
                         $((false, $t) => ftile::<false, $t>(j, ti, t0),)*
                         _ => unreachable!(),
@@ -159,8 +160,8 @@ pub(crate) unsafe fn float_tiles(j: &FloatJob, tiles: Range<usize>) {
 /// Tokens t0..t0+T through float tile `ti`. Two accumulators per token, for even and odd
 /// columns, halve the dependency chain of FMAs.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn ftile<const BF: bool, const T: usize>(j: &FloatJob, ti: usize, t0: usize) {
-    let base = j.data.add(ti * j.f.tile_bytes());
+unsafe fn ftile<const BF: bool, const T: usize>(j: &Job<FloatTiles>, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.layout.tile_bytes());
     let x0 = j.xs.as_ptr().add(t0 * j.cols);
     let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
     let mut even = [_mm512_setzero_ps(); T];
@@ -204,7 +205,7 @@ unsafe fn ftile<const BF: bool, const T: usize>(j: &FloatJob, ti: usize, t0: usi
     }
 }
 
-pub(crate) unsafe fn k4_tiles(j: &K4Job, tiles: Range<usize>) {
+unsafe fn k4_tiles(j: &Job<K4Tiles>, tiles: Range<usize>) {
     for ti in tiles {
         let mut t0 = 0;
         while t0 < j.acts.n {
@@ -234,8 +235,8 @@ unsafe fn bytes_f32(p: *const u8) -> __m512 {
 /// Tokens t0..t0+T through q4_k tile `ti`: the integer sums as for a 4-bit block, then the
 /// sub-block's scale and offset (see `k4`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
-    let base = j.data.add(ti * j.k.tile_bytes());
+unsafe fn k4_tile<const T: usize>(j: &Job<K4Tiles>, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.layout.tile_bytes());
     let low = _mm512_set1_epi8(0x0f);
     let acts = j.acts;
     let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
@@ -243,7 +244,7 @@ unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
     let xc: [*const i32; T] = std::array::from_fn(|k| acts.c_ptr(t0 + k));
     let xs: [*const f32; T] = std::array::from_fn(|k| acts.s_ptr(t0 + k));
     let mut acc = [_mm512_setzero_ps(); T];
-    for s in 0..j.k.nsb {
+    for s in 0..j.layout.nsb {
         let sb = base.add(s * k4::SB_BYTES);
         let ahead = sb.wrapping_add(k4::PF);
         let dv = _mm512_cvtph_ps(_mm256_load_si256(sb.add(k4::D_OFF) as *const __m256i));
@@ -281,7 +282,7 @@ unsafe fn k4_tile<const T: usize>(j: &K4Job, ti: usize, t0: usize) {
     }
 }
 
-pub(crate) unsafe fn s4_tiles(j: &S4Job, tiles: Range<usize>) {
+unsafe fn s4_tiles(j: &Job<S4Tiles>, tiles: Range<usize>) {
     for ti in tiles {
         let mut t0 = 0;
         while t0 < j.acts.n {
@@ -312,8 +313,8 @@ unsafe fn bytes_i32(p: *const u8) -> __m512i {
 /// nibbles, then high), each started at its half's bias correction, combined by the integer
 /// sub-scales (see `s4`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn s4_tile<const T: usize>(j: &S4Job, ti: usize, t0: usize) {
-    let base = j.data.add(ti * j.k.tile_bytes());
+unsafe fn s4_tile<const T: usize>(j: &Job<S4Tiles>, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.layout.tile_bytes());
     let low = _mm512_set1_epi8(0x0f);
     let tbl = _mm512_broadcast_i32x4(_mm_loadu_si128(s4::UTABLE.as_ptr() as *const __m128i));
     let acts = j.acts;
@@ -321,7 +322,7 @@ unsafe fn s4_tile<const T: usize>(j: &S4Job, ti: usize, t0: usize) {
     let xd: [*const f32; T] = std::array::from_fn(|k| acts.d_ptr(t0 + k));
     let xh: [*const i32; T] = std::array::from_fn(|k| acts.h_ptr(t0 + k));
     let mut acc = [_mm512_setzero_ps(); T];
-    for s in 0..j.k.nsb {
+    for s in 0..j.layout.nsb {
         let sb = base.add(s * s4::SB_BYTES);
         let ahead = sb.wrapping_add(s4::PF);
         let dv = _mm512_cvtph_ps(_mm256_load_si256(sb.add(s4::D_OFF) as *const __m256i));
@@ -352,5 +353,31 @@ unsafe fn s4_tile<const T: usize>(j: &S4Job, ti: usize, t0: usize) {
     let mask = ((1u32 << (j.rows - r0).min(TILE)) - 1) as __mmask16;
     for (k, a) in acc.iter().enumerate() {
         _mm512_mask_storeu_ps(j.y.add((t0 + k) * j.ystride + r0), mask, *a);
+    }
+}
+
+// The layouts' entry points on this path.
+
+impl Avx512Tiles for Tiled {
+    unsafe fn tiles_avx512(j: &Job<Self>, tiles: Range<usize>) {
+        int_tiles(j, tiles)
+    }
+}
+
+impl Avx512Tiles for FloatTiles {
+    unsafe fn tiles_avx512(j: &Job<Self>, tiles: Range<usize>) {
+        float_tiles(j, tiles)
+    }
+}
+
+impl Avx512Tiles for K4Tiles {
+    unsafe fn tiles_avx512(j: &Job<Self>, tiles: Range<usize>) {
+        k4_tiles(j, tiles)
+    }
+}
+
+impl Avx512Tiles for S4Tiles {
+    unsafe fn tiles_avx512(j: &Job<Self>, tiles: Range<usize>) {
+        s4_tiles(j, tiles)
     }
 }

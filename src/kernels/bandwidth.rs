@@ -2,7 +2,7 @@
 //! larger than the last-level cache; the best of a few passes counts. This is the roofline a
 //! memory-bound matrix-vector product is measured against.
 
-use super::pack::AlignedBuf;
+use super::buf::AlignedBuf;
 use std::sync::Barrier;
 use std::time::Instant;
 

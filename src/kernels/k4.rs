@@ -18,8 +18,9 @@
 //! `d*sc` and `dmin*m` are exact in f32 (11 + 6 significant bits), which keeps `row_f32` bit for
 //! bit the reference decoder's, at 4.625 bits per weight against the on-disk 4.5.
 
-use super::act::QActs;
-use super::pack::TILE;
+use super::layout::{Job, TileLayout};
+use super::pack::{nibble, TILE};
+use crate::quant::bytes::{f16_at, MINUS_8_TABLE};
 use crate::quant::q4_k::{scale_min, BLOCK_BYTES, QK_K};
 use crate::quant::QK;
 use std::ops::Range;
@@ -37,7 +38,7 @@ pub(crate) const PF: usize = SB_BYTES;
 pub(crate) const PF_LINES: usize = 5;
 
 /// The nibble table: q - 8.
-pub(crate) const TABLE: [i8; 16] = [-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7];
+pub(crate) const TABLE: [i8; 16] = MINUS_8_TABLE;
 
 const _: () = assert!(SB_BYTES == 37 * 64 && DMIN_OFF + 32 == SB_BYTES);
 
@@ -58,22 +59,33 @@ impl K4Tiles {
     }
 }
 
-/// One q4_k matrix product; as `IntJob`.
-pub(crate) struct K4Job<'a> {
-    pub k: &'a K4Tiles,
-    pub data: *const u8,
-    pub rows: usize,
-    pub acts: &'a QActs,
-    pub y: *mut f32,
-    pub ystride: usize,
-}
+impl TileLayout for K4Tiles {
+    const INT8_ACTS: bool = true;
 
-// Shared by the pool's threads, which write disjoint rows of `y`.
-unsafe impl Sync for K4Job<'_> {}
+    fn tiles(&self) -> usize {
+        self.tiles
+    }
+
+    fn tile_bytes(&self) -> usize {
+        K4Tiles::tile_bytes(self)
+    }
+
+    fn pack(&self, rows: usize, _cols: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
+        pack(self, rows, bytes, first, out)
+    }
+
+    fn unpack_row(&self, data: &[u8], r: usize, out: &mut [f32]) {
+        unpack_row(self, data, r, out)
+    }
+
+    unsafe fn tiles_scalar(j: &Job<Self>, tiles: Range<usize>) {
+        tiles_scalar(j, tiles)
+    }
+}
 
 /// Repack ggml q4_k rows (`bytes`) of tiles `first..` into `out` (whole tiles, zeroed or an
 /// earlier packing of the same shape: padding rows are never written).
-pub(crate) fn pack(k: &K4Tiles, rows: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
+fn pack(k: &K4Tiles, rows: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
     let tb = k.tile_bytes();
     if tb == 0 {
         return;
@@ -110,25 +122,8 @@ pub(crate) fn pack(k: &K4Tiles, rows: usize, bytes: &[u8], first: usize, out: &m
     }
 }
 
-/// Nibble `e` (0..32) of row `i` of the 32-weight block whose quants start at `q` (the 4-bit
-/// tile layout, shared with q4_s).
-#[inline]
-pub(crate) fn nibble(q: &[u8], i: usize, e: usize) -> u8 {
-    let kk = e % 16;
-    let byte = q[kk / 4 * 64 + i * 4 + kk % 4];
-    if e < 16 {
-        byte & 0x0f
-    } else {
-        byte >> 4
-    }
-}
-
-pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
-    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
-
 /// Row `r` as f32, bit for bit the reference decoder's.
-pub(crate) fn unpack_row(k: &K4Tiles, data: &[u8], r: usize, out: &mut [f32]) {
+fn unpack_row(k: &K4Tiles, data: &[u8], r: usize, out: &mut [f32]) {
     let tile = &data[r / TILE * k.tile_bytes()..(r / TILE + 1) * k.tile_bytes()];
     let i = r % TILE;
     for (s, y) in out.chunks_exact_mut(QK_K).enumerate() {
@@ -147,14 +142,14 @@ pub(crate) fn unpack_row(k: &K4Tiles, data: &[u8], r: usize, out: &mut [f32]) {
 /// The reference kernel. Per row and block, in this order (the SIMD paths do the same):
 /// `acc = fma(isum, dsc * dx, acc)`, then `acc = fma(-(mn - 8 * dsc), sum(x), acc)`, where
 /// `isum = sum((q - 8) xq)`, `dsc = d * sc`, `mn = dmin * m`.
-pub(crate) unsafe fn tiles_scalar(j: &K4Job, tiles: Range<usize>) {
-    let tb = j.k.tile_bytes();
+unsafe fn tiles_scalar(j: &Job<K4Tiles>, tiles: Range<usize>) {
+    let tb = j.layout.tile_bytes();
     for ti in tiles {
         let tile = std::slice::from_raw_parts(j.data.add(ti * tb), tb);
         for i in 0..TILE.min(j.rows - ti * TILE) {
             for tok in 0..j.acts.n {
                 let mut acc = 0f32;
-                for s in 0..j.k.nsb {
+                for s in 0..j.layout.nsb {
                     let sb = &tile[s * SB_BYTES..(s + 1) * SB_BYTES];
                     let (d, dmin) = (f16_at(sb, D_OFF + 2 * i), f16_at(sb, DMIN_OFF + 2 * i));
                     for sub in 0..SUB {

@@ -1,10 +1,10 @@
 //! `Matrix`: one weight matrix in its runtime layout, and the products the model asks of it.
 
 use super::act::QActs;
-use super::pack::{self, AlignedBuf, FloatTiles, Tiled, TILE};
-use super::k4::{self, K4Job, K4Tiles};
-use super::s4::{self, S4Job};
-use super::{float_tiles, int_tiles, k4_tiles, pool, s4_tiles, selected, FloatJob, IntJob, Isa};
+use super::buf::AlignedBuf;
+use super::layout::{self, Job, Layout};
+use super::pack::TILE;
+use super::{pool, selected, Isa};
 use crate::error::{Error, Result};
 use crate::quant::{QuantType, QK};
 use std::cell::RefCell;
@@ -19,15 +19,9 @@ pub struct Matrix {
     pub qtype: QuantType,
     pub rows: usize,
     pub cols: usize,
-    store: Store,
-}
-
-enum Store {
-    Float(FloatTiles, AlignedBuf),
-    K4(K4Tiles, AlignedBuf),
-    /// q4_s: q4_k's super-block geometry, its own contents (`s4`).
-    S4(K4Tiles, AlignedBuf),
-    Tiled(Tiled, AlignedBuf),
+    /// The runtime layout of `qtype` (`layout::for_qtype`), and the tiles it packed.
+    layout: Box<dyn Layout>,
+    tiles: AlignedBuf,
 }
 
 thread_local! {
@@ -37,29 +31,9 @@ thread_local! {
 impl Matrix {
     /// Take a matrix in the on-disk byte layout (`rows` rows of `qtype.row_bytes(cols)` bytes).
     pub fn from_bytes(qtype: QuantType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Matrix> {
-        let store = match qtype {
-            QuantType::F32 | QuantType::Bf16 => {
-                let f = FloatTiles::new(qtype == QuantType::Bf16, rows, cols);
-                let len = f.tiles * f.tile_bytes();
-                Store::Float(f, AlignedBuf::zeroed(len))
-            }
-            QuantType::Q4K => {
-                let k = K4Tiles::new(rows, cols);
-                let len = k.tiles * k.tile_bytes();
-                Store::K4(k, AlignedBuf::zeroed(len))
-            }
-            QuantType::Q4S => {
-                let k = K4Tiles::new(rows, cols);
-                let len = k.tiles * k.tile_bytes();
-                Store::S4(k, AlignedBuf::zeroed(len))
-            }
-            _ => {
-                let t = Tiled::new(qtype, rows, cols);
-                let len = t.tiles * t.tile_bytes();
-                Store::Tiled(t, AlignedBuf::zeroed(len))
-            }
-        };
-        let mut m = Matrix { qtype, rows, cols, store };
+        let layout = layout::for_qtype(qtype, rows, cols);
+        let tiles = AlignedBuf::zeroed(layout.tiles() * layout.tile_bytes());
+        let mut m = Matrix { qtype, rows, cols, layout, tiles };
         m.reload(bytes)?;
         Ok(m)
     }
@@ -78,59 +52,20 @@ impl Matrix {
                 bytes.len()
             )));
         }
-        match &mut self.store {
-            Store::Float(f, buf) => {
-                let f = *f;
-                let tb = f.tile_bytes();
-                let out = SyncPtr(buf.as_mut_slice().as_mut_ptr());
-                let chunks = f.tiles.min(4 * pool::threads());
-                let job = |i: usize| {
-                    let (a, b) = (f.tiles * i / chunks, f.tiles * (i + 1) / chunks);
-                    // Threads write disjoint whole tiles of the buffer.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(a * tb), (b - a) * tb) };
-                    pack::pack_float_tiles(&f, rows, cols, bytes, a, dst);
-                };
-                if bytes.len() < SERIAL_WORK {
-                    (0..chunks).for_each(job)
-                } else {
-                    pool::run(chunks, &job)
-                }
-            }
-            Store::K4(k, buf) | Store::S4(k, buf) => {
-                let k = *k;
-                let pack = if qtype == QuantType::Q4S { s4::pack } else { k4::pack };
-                let tb = k.tile_bytes();
-                let out = SyncPtr(buf.as_mut_slice().as_mut_ptr());
-                let chunks = k.tiles.min(4 * pool::threads());
-                let job = |i: usize| {
-                    let (a, b) = (k.tiles * i / chunks, k.tiles * (i + 1) / chunks);
-                    // Threads write disjoint whole tiles of the buffer.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(a * tb), (b - a) * tb) };
-                    pack(&k, rows, bytes, a, dst);
-                };
-                if bytes.len() < SERIAL_WORK {
-                    (0..chunks).for_each(job)
-                } else {
-                    pool::run(chunks, &job)
-                }
-            }
-            Store::Tiled(t, buf) => {
-                let t = *t;
-                let tb = t.tile_bytes();
-                let out = SyncPtr(buf.as_mut_slice().as_mut_ptr());
-                let chunks = t.tiles.min(4 * pool::threads());
-                let job = |i: usize| {
-                    let (a, b) = (t.tiles * i / chunks, t.tiles * (i + 1) / chunks);
-                    // Threads write disjoint whole tiles of the buffer.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(a * tb), (b - a) * tb) };
-                    pack::pack_tiles(&t, qtype, rows, cols, bytes, a, dst);
-                };
-                if bytes.len() < SERIAL_WORK {
-                    (0..chunks).for_each(job)
-                } else {
-                    pool::run(chunks, &job)
-                }
-            }
+        let layout = &*self.layout;
+        let (tiles, tb) = (layout.tiles(), layout.tile_bytes());
+        let out = SyncPtr(self.tiles.as_mut_slice().as_mut_ptr());
+        let chunks = tiles.min(4 * pool::threads());
+        let job = |i: usize| {
+            let (a, b) = (tiles * i / chunks, tiles * (i + 1) / chunks);
+            // Threads write disjoint whole tiles of the buffer.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(a * tb), (b - a) * tb) };
+            layout.pack(rows, cols, bytes, a, dst);
+        };
+        if bytes.len() < SERIAL_WORK {
+            (0..chunks).for_each(job)
+        } else {
+            pool::run(chunks, &job)
         }
         Ok(())
     }
@@ -145,21 +80,14 @@ impl Matrix {
     /// Bytes of memory the runtime layout holds (padding included; q4_k and q4_s keep their
     /// sub-block scales as bytes, 4.625 bits per weight against 4.5 on disk).
     pub fn resident_bytes(&self) -> usize {
-        match &self.store {
-            Store::Float(_, b) | Store::Tiled(_, b) | Store::K4(_, b) | Store::S4(_, b) => b.len(),
-        }
+        self.tiles.len()
     }
 
     /// Row `r` as f32 (embedding lookup); `out.len()` must be `cols`.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         assert!(r < self.rows, "row {r} of a matrix with {} rows", self.rows);
         assert_eq!(out.len(), self.cols, "row_f32 output length");
-        match &self.store {
-            Store::Float(f, buf) => pack::unpack_float_row(f, buf.as_slice(), r, out),
-            Store::K4(k, buf) => k4::unpack_row(k, buf.as_slice(), r, out),
-            Store::S4(k, buf) => s4::unpack_row(k, buf.as_slice(), r, out),
-            Store::Tiled(t, buf) => pack::unpack_row(t, buf.as_slice(), r, self.cols, out),
-        }
+        self.layout.unpack_row(self.tiles.as_slice(), r, out)
     }
 
     /// y = W x
@@ -198,106 +126,58 @@ impl Matrix {
         if n == 0 {
             return;
         }
-        let needs_acts = outs.iter().any(|(m, _)| matches!(m.store, Store::Tiled(..) | Store::K4(..) | Store::S4(..)));
+        let needs_acts = outs.iter().any(|(m, _)| m.layout.int8_acts());
         ACTS.with(|cell| {
             let mut acts = cell.borrow_mut();
             if needs_acts {
                 acts.quantize(xs, n, cols, (cols / QK).div_ceil(2) * 2);
             }
-            let parts: Vec<Part> = outs
+            let jobs: Vec<Job<dyn Layout>> = outs
                 .iter_mut()
-                .map(|(m, y)| m.part(&acts, xs, n, y.as_mut_ptr()))
+                .map(|(m, y)| m.job(&acts, xs, n, y.as_mut_ptr()))
                 .collect();
-            run_parts(isa, &parts, n);
+            run_jobs(isa, &jobs, n);
         });
     }
 
-    fn part<'a>(&'a self, acts: &'a QActs, xs: &'a [f32], n: usize, y: *mut f32) -> Part<'a> {
-        match &self.store {
-            Store::Tiled(t, buf) => Part::Int(IntJob {
-                t,
-                data: buf.as_ptr(),
-                rows: self.rows,
-                acts,
-                y,
-                ystride: self.rows,
-            }),
-            Store::Float(f, buf) => Part::Float(FloatJob {
-                f,
-                data: buf.as_ptr(),
-                rows: self.rows,
-                cols: self.cols,
-                xs,
-                n,
-                y,
-                ystride: self.rows,
-            }),
-            Store::K4(k, buf) => Part::K4(K4Job {
-                k,
-                data: buf.as_ptr(),
-                rows: self.rows,
-                acts,
-                y,
-                ystride: self.rows,
-            }),
-            Store::S4(k, buf) => Part::S4(S4Job {
-                k,
-                data: buf.as_ptr(),
-                rows: self.rows,
-                acts,
-                y,
-                ystride: self.rows,
-            }),
+    fn job<'a>(&'a self, acts: &'a QActs, xs: &'a [f32], n: usize, y: *mut f32) -> Job<'a, dyn Layout> {
+        Job {
+            layout: &*self.layout,
+            data: self.tiles.as_ptr(),
+            rows: self.rows,
+            cols: self.cols,
+            acts,
+            xs,
+            n,
+            y,
+            ystride: self.rows,
         }
     }
 }
 
-enum Part<'a> {
-    Int(IntJob<'a>),
-    Float(FloatJob<'a>),
-    K4(K4Job<'a>),
-    S4(S4Job<'a>),
+/// Work units (tiles) of a product and the weight bytes of each.
+fn work_units(j: &Job<dyn Layout>) -> (usize, usize) {
+    // A matrix without columns still has rows to write (zeros): cost them a byte.
+    (j.layout.tiles(), j.layout.tile_bytes().max(1))
 }
 
-impl Part<'_> {
-    /// Work units (tiles) and the weight bytes of each.
-    fn units(&self) -> (usize, usize) {
-        match self {
-            // A matrix without columns still has rows to write (zeros): cost them a byte.
-            Part::Int(j) => (j.t.tiles, j.t.tile_bytes().max(1)),
-            Part::Float(j) => (j.f.tiles, j.f.tile_bytes().max(1)),
-            Part::K4(j) => (j.k.tiles, j.k.tile_bytes().max(1)),
-            Part::S4(j) => (j.k.tiles, j.k.tile_bytes().max(1)),
-        }
-    }
-
-    unsafe fn run(&self, isa: Isa, units: std::ops::Range<usize>) {
-        match self {
-            Part::Int(j) => int_tiles(isa, j, units),
-            Part::Float(j) => float_tiles(isa, j, units),
-            Part::K4(j) => k4_tiles(isa, j, units),
-            Part::S4(j) => s4_tiles(isa, j, units),
-        }
-    }
-}
-
-/// Split the parts' units into chunks of about equal weight bytes, each a contiguous run, a few
+/// Split the jobs' units into chunks of about equal weight bytes, each a contiguous run, a few
 /// per thread so that a busy machine's late threads leave their share to the others.
-fn run_parts(isa: Isa, parts: &[Part], n: usize) {
-    let total: usize = parts.iter().map(|p| p.units().0 * p.units().1).sum();
-    let units: usize = parts.iter().map(|p| p.units().0).sum();
+fn run_jobs(isa: Isa, jobs: &[Job<dyn Layout>], n: usize) {
+    let total: usize = jobs.iter().map(|p| work_units(p).0 * work_units(p).1).sum();
+    let units: usize = jobs.iter().map(|p| work_units(p).0).sum();
     let chunks = if total.saturating_mul(n) < SERIAL_WORK { 1 } else { units.min(CHUNKS_PER_THREAD * pool::threads()) };
     let job = |c: usize| {
         let (lo, hi) = (total * c / chunks, total * (c + 1) / chunks);
         let mut off = 0;
-        for p in parts {
-            let (units, cost) = p.units();
+        for p in jobs {
+            let (units, cost) = work_units(p);
             // Unit u starts at byte off + u * cost; this thread takes those starting in [lo, hi).
             let first = lo.saturating_sub(off).div_ceil(cost).min(units);
             let end = hi.saturating_sub(off).div_ceil(cost).min(units);
             if first < end {
                 // Safety: `products` checked that the CPU runs `isa` and that `y` is large enough.
-                unsafe { p.run(isa, first..end) };
+                unsafe { p.layout.run(isa, p, first..end) };
             }
             off += units * cost;
         }

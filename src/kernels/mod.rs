@@ -1,30 +1,66 @@
 //! Matrix kernels over the quantized block types. `Matrix` owns one weight matrix `[rows, cols]`
-//! (rows = output channels, blocks along `cols`) in a runtime layout (`pack`) and multiplies it by
+//! (rows = output channels, blocks along `cols`) in a runtime layout and multiplies it by
 //! activations.
 //!
 //! * q8_0 / q4_0 / iq4_nl / q4_k / q4_s: activations are quantized per block of 32 to int8 with
 //!   an f32 scale (`act`), then integer dot products per block, scaled and summed in f32 (q4_k's
 //!   offsets meet the exact f32 block sums: `k4`; q4_s's half-block scales apply in integers:
 //!   `s4`).
-//! * bf16 / f32: f32 products and sums, exact to f32 rounding.
+//! * bf16 / f32: f32 products and sums, exact to f32 rounding (`float`).
 //!
-//! All are stored in tiles of 16 rows (`pack`, `k4`, `s4`), so that each thread streams one contiguous
-//! run of memory and each output row is one vector lane. Repacking happens in `from_bytes` and
-//! `reload` (the latter reuses the memory: use it for weights streamed in and out).
+//! All are stored in tiles of 16 rows (`pack`, `float`, `k4`, `s4`), so that each thread streams
+//! one contiguous run of memory and each output row is one vector lane. Repacking happens in
+//! `from_bytes` and `reload` (the latter reuses the memory: use it for weights streamed in and
+//! out).
 //!
-//! Each type has a scalar reference (`scalar`, `k4`, `s4`) and SIMD paths for x86-64 AVX2 (+FMA, F16C),
-//! AVX-512 with VNNI, and aarch64 NEON, chosen once at run time from the CPU's features; the
-//! environment variable `GROK1_KERNELS=scalar|avx2|avx512|neon` forces one. Work is split across
-//! a persistent thread pool (`pool`, also open to other work as `parallel_for`) in chunks of
-//! whole tiles, a few per thread.
+//! Each runtime layout implements `layout::TileLayout` in its own file: geometry, packing, row
+//! decoding and a scalar reference kernel; SIMD paths for x86-64 AVX2 (+FMA, F16C), AVX-512 with
+//! VNNI, and aarch64 NEON implement one trait each (`Avx2Tiles`, `Avx512Tiles`, `NeonTiles`) in
+//! `avx2.rs`, `avx512.rs` and `neon.rs`. The path is chosen once at run time from the CPU's
+//! features; the environment variable `GROK1_KERNELS=scalar|avx2|avx512|neon` forces one. Work
+//! is split across a persistent thread pool (`pool`, also open to other work as `parallel_for`)
+//! in chunks of whole tiles, a few per thread.
+//!
+//! # Adding a block type
+//!
+//! 1. `src/quant/<type>.rs`: the on-disk block (`BLOCK_BYTES`, quantizer, reference decoder),
+//!    and in `src/quant/mod.rs` the `QuantType` variant with its arms (`ALL`, `block_len`,
+//!    `block_bytes`, `name`, `FromStr`, `quantize_row`, `dequantize_row`; `for_row` if it
+//!    needs whole 256-weight super-blocks). Byte readers shared with other types are in
+//!    `quant::bytes`.
+//! 2. `src/kernels/<layout>.rs`, declared in the module list below: the layout's geometry type
+//!    and its `impl TileLayout` (`INT8_ACTS`, `tiles`, `tile_bytes`, `pack`, `unpack_row`,
+//!    `tiles_scalar`). Integer layouts read `Job::acts` (int8 blocks of 32 with their scales,
+//!    exact f32 sums, half-block bias corrections); the 4-bit tile interleave's reader is
+//!    `pack::nibble`.
+//! 3. `src/kernels/layout.rs`: one arm in `for_qtype`.
+//! 4. `src/kernels/avx2.rs`, `avx512.rs`, `neon.rs`: `impl Avx2Tiles`, `impl Avx512Tiles`,
+//!    `impl NeonTiles` for the layout (a missing one fails to compile on that architecture;
+//!    check NEON with `.ci/neon.sh`).
+//! 5. The GPU side, which matches `QuantType` too: `src/gpu/source.rs` (`matvec_kernel`,
+//!    `matmul_kernel`, whose kernels live in `src/gpu/cu/matvec.cu` and `matmul.cu`) and
+//!    `src/gpu/layout.rs` (`DeviceLayout::dequantize_row`).
+//! 6. Tests and benches that list types: in `tests/kernels.rs`, `is_int` (and `is_super` for
+//!    256-weight super-blocks) and the resident size `reload_replaces_weights` expects;
+//!    `ggml_type` in `tests/ggml_crosscheck.rs` (the ggml twin, or none); for super-block
+//!    types, the shape lists in `tests/gpu_plan.rs`, `tests/gpu_emu.rs` and
+//!    `tests/gpu_kernels/matrices.rs`; `random_matrix` in `benches/kernels.rs`. The property
+//!    tests over `QuantType::ALL` then run the new type on every path against the scalar
+//!    reference and the reference decoder.
+//! 7. Docs: `formats/blocks.md` (the table and a section) and the qtype list in
+//!    `formats/README.md`.
+//!
+//! `matrix.rs`, the activation quantizer and the thread pool need no change.
 
 mod act;
 mod bandwidth;
+mod buf;
+mod float;
 mod k4;
+mod layout;
 mod pack;
 mod pool;
 mod s4;
-mod scalar;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -36,12 +72,10 @@ mod neon;
 mod matrix;
 
 pub use bandwidth::measure_read_bandwidth;
+pub use buf::AlignedBuf;
 pub use matrix::Matrix;
 pub use pool::{run as parallel_for, set_threads, threads};
 
-use act::QActs;
-use pack::{FloatTiles, Tiled};
-use std::ops::Range;
 use std::sync::OnceLock;
 
 /// An instruction-set path.
@@ -166,89 +200,3 @@ fn neon_detail() -> &'static str {
     }
     "NEON, int8 via smull/sadalp"
 }
-
-/// One integer matrix product: tiled weights times quantized activations.
-pub(crate) struct IntJob<'a> {
-    pub t: &'a Tiled,
-    pub data: *const u8,
-    /// Real rows; tile rows past this are padding and not stored.
-    pub rows: usize,
-    pub acts: &'a QActs,
-    /// `y[tok * ystride + row]`
-    pub y: *mut f32,
-    pub ystride: usize,
-}
-
-/// One float matrix product: tiled bf16 or f32 weights times f32 activations.
-pub(crate) struct FloatJob<'a> {
-    pub f: &'a FloatTiles,
-    pub data: *const u8,
-    /// Real rows; tile rows past this are padding and not stored.
-    pub rows: usize,
-    pub cols: usize,
-    /// `[n, cols]`
-    pub xs: &'a [f32],
-    pub n: usize,
-    /// `y[tok * ystride + row]`
-    pub y: *mut f32,
-    pub ystride: usize,
-}
-
-// Jobs are shared by the pool's threads, which write disjoint rows of `y`.
-unsafe impl Sync for IntJob<'_> {}
-unsafe impl Sync for FloatJob<'_> {}
-
-/// Compute output tiles `tiles` of `j` on `isa`. The caller guarantees `isa.is_available()`.
-pub(crate) unsafe fn int_tiles(isa: Isa, j: &IntJob, tiles: Range<usize>) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::int_tiles(j, tiles),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::int_tiles(j, tiles),
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon => neon::int_tiles(j, tiles),
-        _ => scalar::int_tiles(j, tiles),
-    }
-}
-
-/// Compute output tiles `tiles` of q4_k job `j` on `isa`. The caller guarantees
-/// `isa.is_available()`.
-pub(crate) unsafe fn k4_tiles(isa: Isa, j: &k4::K4Job, tiles: Range<usize>) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::k4_tiles(j, tiles),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::k4_tiles(j, tiles),
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon => neon::k4_tiles(j, tiles),
-        _ => k4::tiles_scalar(j, tiles),
-    }
-}
-
-/// Compute output tiles `tiles` of q4_s job `j` on `isa`. The caller guarantees
-/// `isa.is_available()`.
-pub(crate) unsafe fn s4_tiles(isa: Isa, j: &s4::S4Job, tiles: Range<usize>) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::s4_tiles(j, tiles),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::s4_tiles(j, tiles),
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon => neon::s4_tiles(j, tiles),
-        _ => s4::tiles_scalar(j, tiles),
-    }
-}
-
-/// Compute output tiles `tiles` of `j` on `isa`. The caller guarantees `isa.is_available()`.
-pub(crate) unsafe fn float_tiles(isa: Isa, j: &FloatJob, tiles: Range<usize>) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::float_tiles(j, tiles),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::float_tiles(j, tiles),
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon => neon::float_tiles(j, tiles),
-        _ => scalar::float_tiles(j, tiles),
-    }
-}
-

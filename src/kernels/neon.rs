@@ -10,10 +10,11 @@
 // Kernels index several parallel register arrays by the same loop variable.
 #![allow(clippy::needless_range_loop)]
 
-use super::pack::{IntKind, TILE};
-use super::k4::{self, K4Job};
-use super::s4::{self, S4Job};
-use super::{FloatJob, IntJob};
+use super::float::FloatTiles;
+use super::k4::{self, K4Tiles};
+use super::layout::{Job, NeonTiles};
+use super::pack::{IntKind, Tiled, TILE};
+use super::s4::{self, S4Tiles};
 use std::arch::aarch64::*;
 use std::ops::Range;
 
@@ -22,8 +23,8 @@ const PF_INT: usize = 2048;
 /// Activation vectors sharing one pass over a tile.
 const MAXT: usize = 4;
 
-pub(crate) unsafe fn int_tiles(j: &IntJob, tiles: Range<usize>) {
-    let nib = j.t.kind == IntKind::Nib;
+unsafe fn int_tiles(j: &Job<Tiled>, tiles: Range<usize>) {
+    let nib = j.layout.kind == IntKind::Nib;
     let dot = std::arch::is_aarch64_feature_detected!("dotprod");
     for ti in tiles {
         let mut t0 = 0;
@@ -41,7 +42,7 @@ pub(crate) unsafe fn int_tiles(j: &IntJob, tiles: Range<usize>) {
 }
 
 #[target_feature(enable = "dotprod")]
-unsafe fn tile_dot<const NIB: bool>(j: &IntJob, ti: usize, t0: usize, m: usize) {
+unsafe fn tile_dot<const NIB: bool>(j: &Job<Tiled>, ti: usize, t0: usize, m: usize) {
     tile::<NIB, true>(j, ti, t0, m)
 }
 
@@ -122,8 +123,8 @@ unsafe fn groups_isum<const NIB: bool, const DOT: bool>(
 
 /// Tokens t0..t0+nt (nt <= MAXT) through tile `ti`.
 #[inline(always)]
-unsafe fn tile<const NIB: bool, const DOT: bool>(j: &IntJob, ti: usize, t0: usize, nt: usize) {
-    let t = j.t;
+unsafe fn tile<const NIB: bool, const DOT: bool>(j: &Job<Tiled>, ti: usize, t0: usize, nt: usize) {
+    let t = j.layout;
     let (qb, pb) = if NIB { (256, 576) } else { (512, 1088) };
     debug_assert_eq!((qb, pb), (t.qbytes(), t.pair_bytes()));
     let base = j.data.add(ti * t.tile_bytes());
@@ -166,12 +167,12 @@ unsafe fn tile<const NIB: bool, const DOT: bool>(j: &IntJob, ti: usize, t0: usiz
 /// Activation vectors sharing one pass over a float tile (8 accumulators each).
 const MAXT_F: usize = 2;
 
-pub(crate) unsafe fn float_tiles(j: &FloatJob, tiles: Range<usize>) {
+unsafe fn float_tiles(j: &Job<FloatTiles>, tiles: Range<usize>) {
     for ti in tiles {
         let mut t0 = 0;
         while t0 < j.n {
             let m = (j.n - t0).min(MAXT_F);
-            match (j.f.bf16, m) {
+            match (j.layout.bf16, m) {
                 (true, 1) => ftile::<true, 1>(j, ti, t0),
                 (true, _) => ftile::<true, 2>(j, ti, t0),
                 (false, 1) => ftile::<false, 1>(j, ti, t0),
@@ -198,8 +199,8 @@ unsafe fn fpair<const BF: bool>(base: *const u8, c2: usize, m: usize) -> (float3
 
 /// Tokens t0..t0+T through float tile `ti`; accumulators per token, row quarter, column parity.
 #[inline(always)]
-unsafe fn ftile<const BF: bool, const T: usize>(j: &FloatJob, ti: usize, t0: usize) {
-    let base = j.data.add(ti * j.f.tile_bytes());
+unsafe fn ftile<const BF: bool, const T: usize>(j: &Job<FloatTiles>, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.layout.tile_bytes());
     let x0 = j.xs.as_ptr().add(t0 * j.cols);
     let mut acc = [[[vdupq_n_f32(0.0); 2]; 4]; T];
     let step = if BF { 64 } else { 128 };
@@ -242,7 +243,7 @@ unsafe fn ftile<const BF: bool, const T: usize>(j: &FloatJob, ti: usize, t0: usi
     }
 }
 
-pub(crate) unsafe fn k4_tiles(j: &K4Job, tiles: Range<usize>) {
+unsafe fn k4_tiles(j: &Job<K4Tiles>, tiles: Range<usize>) {
     let dot = std::arch::is_aarch64_feature_detected!("dotprod");
     for ti in tiles {
         let mut t0 = 0;
@@ -259,19 +260,19 @@ pub(crate) unsafe fn k4_tiles(j: &K4Job, tiles: Range<usize>) {
 }
 
 #[target_feature(enable = "dotprod")]
-unsafe fn k4_tile_dot(j: &K4Job, ti: usize, t0: usize, nt: usize) {
+unsafe fn k4_tile_dot(j: &Job<K4Tiles>, ti: usize, t0: usize, nt: usize) {
     k4_tile::<true>(j, ti, t0, nt)
 }
 
 /// Tokens t0..t0+nt through q4_k tile `ti` (see `k4`).
 #[inline(always)]
-unsafe fn k4_tile<const DOT: bool>(j: &K4Job, ti: usize, t0: usize, nt: usize) {
-    let base = j.data.add(ti * j.k.tile_bytes());
+unsafe fn k4_tile<const DOT: bool>(j: &Job<K4Tiles>, ti: usize, t0: usize, nt: usize) {
+    let base = j.data.add(ti * j.layout.tile_bytes());
     let table = vld1q_s8(k4::TABLE.as_ptr());
     let acts = j.acts;
     let f16 = |p: *const u8, i: usize| half::f16::from_le_bytes([*p.add(2 * i), *p.add(2 * i + 1)]).to_f32();
     let mut acc = [[vdupq_n_f32(0.0); 4]; MAXT];
-    for s in 0..j.k.nsb {
+    for s in 0..j.layout.nsb {
         let sb = base.add(s * k4::SB_BYTES);
         for sub in 0..k4::SUB {
             for l in k4::PF_LINES * sub..(k4::PF_LINES * (sub + 1)).min(k4::SB_BYTES / 64) {
@@ -308,7 +309,7 @@ unsafe fn k4_tile<const DOT: bool>(j: &K4Job, ti: usize, t0: usize, nt: usize) {
     }
 }
 
-pub(crate) unsafe fn s4_tiles(j: &S4Job, tiles: Range<usize>) {
+unsafe fn s4_tiles(j: &Job<S4Tiles>, tiles: Range<usize>) {
     let dot = std::arch::is_aarch64_feature_detected!("dotprod");
     for ti in tiles {
         let mut t0 = 0;
@@ -325,19 +326,19 @@ pub(crate) unsafe fn s4_tiles(j: &S4Job, tiles: Range<usize>) {
 }
 
 #[target_feature(enable = "dotprod")]
-unsafe fn s4_tile_dot(j: &S4Job, ti: usize, t0: usize, nt: usize) {
+unsafe fn s4_tile_dot(j: &Job<S4Tiles>, ti: usize, t0: usize, nt: usize) {
     s4_tile::<true>(j, ti, t0, nt)
 }
 
 /// Tokens t0..t0+nt through q4_s tile `ti` (see `s4`): the two half-block sums combined by the
 /// integer sub-scales.
 #[inline(always)]
-unsafe fn s4_tile<const DOT: bool>(j: &S4Job, ti: usize, t0: usize, nt: usize) {
-    let base = j.data.add(ti * j.k.tile_bytes());
+unsafe fn s4_tile<const DOT: bool>(j: &Job<S4Tiles>, ti: usize, t0: usize, nt: usize) {
+    let base = j.data.add(ti * j.layout.tile_bytes());
     let table = vld1q_s8(s4::TABLE.as_ptr());
     let acts = j.acts;
     let mut acc = [[vdupq_n_f32(0.0); 4]; MAXT];
-    for s in 0..j.k.nsb {
+    for s in 0..j.layout.nsb {
         let sb = base.add(s * s4::SB_BYTES);
         let mut d = [0f32; TILE];
         for (i, v) in d.iter_mut().enumerate() {
@@ -378,5 +379,31 @@ unsafe fn s4_tile<const DOT: bool>(j: &S4Job, ti: usize, t0: usize, nt: usize) {
             vst1q_f32(out.as_mut_ptr().add(4 * m), a[m]);
         }
         std::ptr::copy_nonoverlapping(out.as_ptr(), j.y.add((t0 + k) * j.ystride + r0), valid);
+    }
+}
+
+// The layouts' entry points on this path.
+
+impl NeonTiles for Tiled {
+    unsafe fn tiles_neon(j: &Job<Self>, tiles: Range<usize>) {
+        int_tiles(j, tiles)
+    }
+}
+
+impl NeonTiles for FloatTiles {
+    unsafe fn tiles_neon(j: &Job<Self>, tiles: Range<usize>) {
+        float_tiles(j, tiles)
+    }
+}
+
+impl NeonTiles for K4Tiles {
+    unsafe fn tiles_neon(j: &Job<Self>, tiles: Range<usize>) {
+        k4_tiles(j, tiles)
+    }
+}
+
+impl NeonTiles for S4Tiles {
+    unsafe fn tiles_neon(j: &Job<Self>, tiles: Range<usize>) {
+        s4_tiles(j, tiles)
     }
 }

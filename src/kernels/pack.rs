@@ -1,5 +1,5 @@
-//! Runtime layouts. Every matrix is repacked into *tiles* of 16 rows (bf16 / f32: see
-//! `FloatTiles`), so that one 512-bit register holds the same four bytes of weights of 16 rows
+//! The integer tiles of q8_0, q4_0 and iq4_nl. Every matrix is repacked into *tiles* of 16 rows
+//! (bf16 / f32: `float`; q4_k: `k4`; q4_s: `s4`), so that one 512-bit register holds the same four bytes of weights of 16 rows
 //! and one instruction leaves one row's partial sum in each 32-bit lane: no horizontal
 //! reductions, and a tile's row scales load as one vector.
 //!
@@ -17,117 +17,13 @@
 //!   of weight `4k+j+16` high, which is ggml's byte `4k+j` of row `i`'s block, moved as a whole.
 //!   Kernels map nibbles to values through a 16-entry table (`Tiled::table`).
 
+use super::layout::{Job, TileLayout};
+use crate::quant::bytes::{f16_at, MINUS_8_TABLE};
 use crate::quant::{QuantType, IQ4_NL_GRID, QK};
-use std::alloc::{self, Layout};
+use std::ops::Range;
 
 /// Rows per tile.
 pub(crate) const TILE: usize = 16;
-
-/// A zero-initialised, 64-byte aligned byte buffer. Large ones are mapped straight from the OS
-/// and, on Linux, asked to be backed by 2 MiB pages: a stream through a big matrix then takes
-/// no TLB miss every 4 KiB, which measurably raises the bandwidth a matrix-vector product gets.
-pub(crate) struct AlignedBuf {
-    ptr: *mut u8,
-    len: usize,
-    /// Bytes mapped with mmap (0: from the global allocator).
-    mapped: usize,
-}
-
-// The buffer is plain bytes owned by this value.
-unsafe impl Send for AlignedBuf {}
-unsafe impl Sync for AlignedBuf {}
-
-/// Buffers from this size on are mapped.
-#[cfg(target_os = "linux")]
-const MAP_FROM: usize = 4 << 20;
-#[cfg(target_os = "linux")]
-const HUGE: usize = 2 << 20;
-
-impl AlignedBuf {
-    pub(crate) fn zeroed(len: usize) -> AlignedBuf {
-        if len == 0 {
-            let ptr = std::ptr::NonNull::<u64>::dangling().as_ptr() as *mut u8;
-            return AlignedBuf { ptr, len, mapped: 0 };
-        }
-        #[cfg(target_os = "linux")]
-        if len >= MAP_FROM {
-            if let Some(b) = Self::mapped(len) {
-                return b;
-            }
-        }
-        let layout = Layout::from_size_align(len, 64).expect("buffer size overflows");
-        // Zeroed allocations of this size come straight from the kernel as untouched pages.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            alloc::handle_alloc_error(layout);
-        }
-        AlignedBuf { ptr, len, mapped: 0 }
-    }
-
-    /// Map `len` bytes (rounded up to whole huge pages) at a huge-page boundary; anonymous
-    /// mappings are zero-filled.
-    #[cfg(target_os = "linux")]
-    fn mapped(len: usize) -> Option<AlignedBuf> {
-        let want = len.div_ceil(HUGE) * HUGE;
-        let map_len = want + HUGE;
-        unsafe {
-            let base = libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            if base == libc::MAP_FAILED {
-                return None;
-            }
-            let base = base as *mut u8;
-            // Trim to an aligned window of `want` bytes.
-            let head = base.align_offset(HUGE);
-            if head > 0 {
-                libc::munmap(base as *mut libc::c_void, head);
-            }
-            let ptr = base.add(head);
-            let tail = map_len - head - want;
-            if tail > 0 {
-                libc::munmap(ptr.add(want) as *mut libc::c_void, tail);
-            }
-            // Advice only: without transparent huge pages this is a no-op.
-            libc::madvise(ptr as *mut libc::c_void, want, libc::MADV_HUGEPAGE);
-            Some(AlignedBuf { ptr, len, mapped: want })
-        }
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-
-    pub(crate) fn as_slice(&self) -> &[u8] {
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-
-    pub(crate) fn as_ptr(&self) -> *const u8 {
-        self.ptr
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        if self.mapped != 0 {
-            #[cfg(target_os = "linux")]
-            unsafe {
-                libc::munmap(self.ptr as *mut libc::c_void, self.mapped);
-            }
-        } else if self.len != 0 {
-            unsafe { alloc::dealloc(self.ptr, Layout::from_size_align_unchecked(self.len, 64)) }
-        }
-    }
-}
 
 /// How a tile's quants decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,11 +48,9 @@ impl Tiled {
     pub(crate) fn new(qtype: QuantType, rows: usize, cols: usize) -> Tiled {
         let (kind, table) = match qtype {
             QuantType::Q8_0 => (IntKind::Q8, [0; 16]),
-            QuantType::Q4_0 => (IntKind::Nib, std::array::from_fn(|n| n as i8 - 8)),
+            QuantType::Q4_0 => (IntKind::Nib, MINUS_8_TABLE),
             QuantType::Iq4Nl => (IntKind::Nib, IQ4_NL_GRID),
-            QuantType::F32 | QuantType::Bf16 | QuantType::Q4K | QuantType::Q4S => {
-                unreachable!("{qtype} is not tiled")
-            }
+            other => unreachable!("{other} is not tiled"),
         };
         Tiled { kind, table, nbp: (cols / QK).div_ceil(2) * 2, tiles: rows.div_ceil(TILE), }
     }
@@ -188,6 +82,7 @@ impl Tiled {
     }
 
     /// The nibble table biased by 128, as `vpdpbusd`'s unsigned operand wants it.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn unsigned_table(&self) -> [u8; 16] {
         self.table.map(|v| (v as u8) ^ 0x80)
     }
@@ -197,29 +92,53 @@ impl Tiled {
     pub(crate) fn quant(&self, q: &[u8], i: usize, e: usize) -> i8 {
         match self.kind {
             IntKind::Q8 => (q[e / 4 * 64 + i * 4 + e % 4] ^ 0x80) as i8,
-            IntKind::Nib => {
-                let k = e % 16;
-                let byte = q[k / 4 * 64 + i * 4 + k % 4];
-                let n = if e < 16 { byte & 0x0f } else { byte >> 4 };
-                self.table[n as usize]
-            }
+            IntKind::Nib => self.table[nibble(q, i, e) as usize],
         }
     }
 }
 
-/// Repack the ggml-layout rows (`bytes`, all `rows` of them) of tiles `first..` into `out`, whole
-/// tiles, zeroed or holding an earlier packing of a matrix of the same shape.
-pub(crate) fn pack_tiles(
-    t: &Tiled,
-    qtype: QuantType,
-    rows: usize,
-    cols: usize,
-    bytes: &[u8],
-    first: usize,
-    out: &mut [u8],
-) {
+/// Nibble `e` (0..32) of row `i` of the 32-weight block whose quants start at `q`, in the 4-bit
+/// tile layout that q4_0, iq4_nl, q4_k and q4_s share.
+#[inline]
+pub(crate) fn nibble(q: &[u8], i: usize, e: usize) -> u8 {
+    let k = e % 16;
+    let byte = q[k / 4 * 64 + i * 4 + k % 4];
+    if e < 16 {
+        byte & 0x0f
+    } else {
+        byte >> 4
+    }
+}
+
+impl TileLayout for Tiled {
+    const INT8_ACTS: bool = true;
+
+    fn tiles(&self) -> usize {
+        self.tiles
+    }
+
+    fn tile_bytes(&self) -> usize {
+        Tiled::tile_bytes(self)
+    }
+
+    /// ggml-layout rows.
+    fn pack(&self, rows: usize, cols: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
+        pack(self, rows, cols, bytes, first, out)
+    }
+
+    fn unpack_row(&self, data: &[u8], r: usize, out: &mut [f32]) {
+        unpack_row(self, data, r, out)
+    }
+
+    unsafe fn tiles_scalar(j: &Job<Self>, tiles: Range<usize>) {
+        tiles_scalar(j, tiles)
+    }
+}
+
+fn pack(t: &Tiled, rows: usize, cols: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
     let nb = cols / QK;
-    let bb = qtype.block_bytes();
+    // ggml's blocks: an f16 scale, then the quants.
+    let bb = 2 + t.qbytes() / TILE;
     let rb = nb * bb;
     let tb = t.tile_bytes();
     debug_assert_eq!(out.len() % tb, 0);
@@ -284,14 +203,11 @@ fn pad(t: &Tiled, tile: &mut [u8], i: usize, from: usize) {
     }
 }
 
-/// Row `r` of a tiled matrix as f32, bit for bit what `QuantType::dequantize_row` gives for the
-/// original bytes.
-pub(crate) fn unpack_row(t: &Tiled, data: &[u8], r: usize, cols: usize, out: &mut [f32]) {
+fn unpack_row(t: &Tiled, data: &[u8], r: usize, out: &mut [f32]) {
     let tile = &data[r / TILE * t.tile_bytes()..(r / TILE + 1) * t.tile_bytes()];
     let i = r % TILE;
-    for (b, y) in out[..cols].chunks_exact_mut(QK).enumerate() {
-        let so = t.scale_off(b) + i * 2;
-        let d = half::f16::from_le_bytes([tile[so], tile[so + 1]]).to_f32();
+    for (b, y) in out.chunks_exact_mut(QK).enumerate() {
+        let d = f16_at(tile, t.scale_off(b) + i * 2);
         let q = &tile[t.quant_off(b)..t.quant_off(b) + t.qbytes()];
         for (e, o) in y.iter_mut().enumerate() {
             *o = d * t.quant(q, i, e) as f32;
@@ -299,69 +215,34 @@ pub(crate) fn unpack_row(t: &Tiled, data: &[u8], r: usize, cols: usize, out: &mu
     }
 }
 
-/// Float matrices use tiles of 16 rows too: group `g` of a tile is 64 bytes, four per row `i` at
-/// `g*64 + i*4`, holding bf16 columns `2g` (low half) and `2g+1` (high half), or f32 column `g`.
-/// A thread then reads one linear stream, as for the integer types, instead of one per row, and
-/// each output row is one vector lane.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FloatTiles {
-    pub bf16: bool,
-    /// Groups per tile row: columns / 2 (rounded up) for bf16, columns for f32.
-    pub groups: usize,
-    pub tiles: usize,
-}
 
-impl FloatTiles {
-    pub(crate) fn new(bf16: bool, rows: usize, cols: usize) -> FloatTiles {
-        let groups = if bf16 { cols.div_ceil(2) } else { cols };
-        FloatTiles { bf16, groups, tiles: rows.div_ceil(TILE) }
-    }
-
-    pub(crate) fn tile_bytes(&self) -> usize {
-        self.groups * 64
-    }
-
-    /// Weight `(i, c)` of a tile, as f32.
-    #[inline]
-    pub(crate) fn weight(&self, tile: &[u8], i: usize, c: usize) -> f32 {
-        if self.bf16 {
-            let at = c / 2 * 64 + i * 4 + c % 2 * 2;
-            f32::from_bits((u16::from_le_bytes([tile[at], tile[at + 1]]) as u32) << 16)
-        } else {
-            let at = c * 64 + i * 4;
-            f32::from_le_bytes([tile[at], tile[at + 1], tile[at + 2], tile[at + 3]])
-        }
-    }
-}
-
-/// Repack row-major bf16 / f32 rows (`bytes`) of tiles `first..` into `out`, whole tiles, zeroed
-/// or holding an earlier packing of the same shape (padding is never written).
-pub(crate) fn pack_float_tiles(f: &FloatTiles, rows: usize, cols: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
-    let es = if f.bf16 { 2 } else { 4 };
-    let tb = f.tile_bytes();
-    if tb == 0 {
-        return; // no columns
-    }
-    for (ti, tile) in out.chunks_exact_mut(tb).enumerate() {
+/// The reference kernel. The same float operations per row in the same order as the SIMD paths
+/// (`acc = fma(isum, d_w * d_x, acc)` block after block), so they agree bit for bit today; tests
+/// allow summation-order differences all the same.
+unsafe fn tiles_scalar(j: &Job<Tiled>, tiles: Range<usize>) {
+    let t = j.layout;
+    let tb = t.tile_bytes();
+    for ti in tiles {
+        let tile = std::slice::from_raw_parts(j.data.add(ti * tb), tb);
         for i in 0..TILE {
-            let r = (first + ti) * TILE + i;
-            if r >= rows {
+            let r = ti * TILE + i;
+            if r >= j.rows {
                 break;
             }
-            let src = &bytes[r * cols * es..(r + 1) * cols * es];
-            // Either two bf16 columns or one f32 column per group: four bytes in both cases,
-            // except a final lone bf16 column.
-            for (g, w) in src.chunks(4).enumerate() {
-                tile[g * 64 + i * 4..g * 64 + i * 4 + w.len()].copy_from_slice(w);
+            for tok in 0..j.acts.n {
+                let mut acc = 0f32;
+                for b in 0..t.nbp {
+                    let q = &tile[t.quant_off(b)..t.quant_off(b) + t.qbytes()];
+                    let x = j.acts.q(tok, b);
+                    let mut isum = 0i32;
+                    for (e, &xe) in x.iter().enumerate() {
+                        isum += t.quant(q, i, e) as i32 * xe as i32;
+                    }
+                    let dw = f16_at(tile, t.scale_off(b) + 2 * i);
+                    acc = (isum as f32).mul_add(dw * j.acts.d(tok, b), acc);
+                }
+                *j.y.add(tok * j.ystride + r) = acc;
             }
         }
-    }
-}
-
-/// Row `r` of a float-tiled matrix as f32.
-pub(crate) fn unpack_float_row(f: &FloatTiles, data: &[u8], r: usize, out: &mut [f32]) {
-    let tile = &data[r / TILE * f.tile_bytes()..(r / TILE + 1) * f.tile_bytes()];
-    for (c, o) in out.iter_mut().enumerate() {
-        *o = f.weight(tile, r % TILE, c);
     }
 }

@@ -16,9 +16,9 @@
 //! ```
 //! 4.625 bits per weight in memory against the on-disk 4.5: the sub-scales are whole bytes.
 
-use super::act::QActs;
-use super::k4::{f16_at, nibble, K4Tiles};
-use super::pack::TILE;
+use super::layout::{Job, TileLayout};
+use super::pack::{nibble, TILE};
+use crate::quant::bytes::f16_at;
 use crate::quant::q4_s::{unpack_scales, BLOCK_BYTES, QK_S};
 use crate::quant::{IQ4_NL_GRID, QK};
 use std::ops::Range;
@@ -46,22 +46,51 @@ pub(crate) const UTABLE: [u8; 16] = {
 
 const _: () = assert!(QK_S == crate::quant::QK_K && D_OFF + 64 == SB_BYTES);
 
-/// One q4_s matrix product; as `IntJob`.
-pub(crate) struct S4Job<'a> {
-    pub k: &'a K4Tiles,
-    pub data: *const u8,
-    pub rows: usize,
-    pub acts: &'a QActs,
-    pub y: *mut f32,
-    pub ystride: usize,
+/// Geometry of a q4_s matrix: q4_k's (`k4::K4Tiles`), a distinct type for its own kernels.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct S4Tiles {
+    /// Super-blocks per row.
+    pub nsb: usize,
+    pub tiles: usize,
 }
 
-// Shared by the pool's threads, which write disjoint rows of `y`.
-unsafe impl Sync for S4Job<'_> {}
+impl S4Tiles {
+    pub(crate) fn new(rows: usize, cols: usize) -> S4Tiles {
+        S4Tiles { nsb: cols / QK_S, tiles: rows.div_ceil(TILE) }
+    }
+
+    pub(crate) fn tile_bytes(&self) -> usize {
+        self.nsb * SB_BYTES
+    }
+}
+
+impl TileLayout for S4Tiles {
+    const INT8_ACTS: bool = true;
+
+    fn tiles(&self) -> usize {
+        self.tiles
+    }
+
+    fn tile_bytes(&self) -> usize {
+        S4Tiles::tile_bytes(self)
+    }
+
+    fn pack(&self, rows: usize, _cols: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
+        pack(self, rows, bytes, first, out)
+    }
+
+    fn unpack_row(&self, data: &[u8], r: usize, out: &mut [f32]) {
+        unpack_row(self, data, r, out)
+    }
+
+    unsafe fn tiles_scalar(j: &Job<Self>, tiles: Range<usize>) {
+        tiles_scalar(j, tiles)
+    }
+}
 
 /// Repack q4_s rows (`bytes`) of tiles `first..` into `out` (whole tiles, zeroed or an earlier
 /// packing of the same shape: padding rows are never written).
-pub(crate) fn pack(k: &K4Tiles, rows: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
+fn pack(k: &S4Tiles, rows: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
     let tb = k.tile_bytes();
     if tb == 0 {
         return;
@@ -92,7 +121,7 @@ pub(crate) fn pack(k: &K4Tiles, rows: usize, bytes: &[u8], first: usize, out: &m
 }
 
 /// Row `r` as f32, bit for bit the reference decoder's.
-pub(crate) fn unpack_row(k: &K4Tiles, data: &[u8], r: usize, out: &mut [f32]) {
+fn unpack_row(k: &S4Tiles, data: &[u8], r: usize, out: &mut [f32]) {
     let tile = &data[r / TILE * k.tile_bytes()..(r / TILE + 1) * k.tile_bytes()];
     let i = r % TILE;
     for (s, y) in out.chunks_exact_mut(QK_S).enumerate() {
@@ -112,14 +141,14 @@ pub(crate) fn unpack_row(k: &K4Tiles, data: &[u8], r: usize, out: &mut [f32]) {
 /// The reference kernel. Per row and block, in this order (the SIMD paths do the same):
 /// `isum = s_lo * sum_lo + s_hi * sum_hi` in i32 (each half sum is `sum(GRID[n] * xq)` over 16
 /// weights), then `acc = fma(isum, d * dx, acc)`.
-pub(crate) unsafe fn tiles_scalar(j: &S4Job, tiles: Range<usize>) {
-    let tb = j.k.tile_bytes();
+unsafe fn tiles_scalar(j: &Job<S4Tiles>, tiles: Range<usize>) {
+    let tb = j.layout.tile_bytes();
     for ti in tiles {
         let tile = std::slice::from_raw_parts(j.data.add(ti * tb), tb);
         for i in 0..TILE.min(j.rows - ti * TILE) {
             for tok in 0..j.acts.n {
                 let mut acc = 0f32;
-                for s in 0..j.k.nsb {
+                for s in 0..j.layout.nsb {
                     let sb = &tile[s * SB_BYTES..(s + 1) * SB_BYTES];
                     let d = f16_at(sb, D_OFF + 2 * i) * D_UNIT;
                     for sub in 0..SUB {

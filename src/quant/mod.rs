@@ -11,12 +11,16 @@
 //! | iq4_nl  | 32    | 18          | 4.5         | f16 scale, 16 bytes of nibbles -> grid    |
 //! | q4_k    | 256   | 144         | 4.5         | f16 d, f16 dmin, 8 x 6-bit (sc, m), nibbles |
 //! | q4_s    | 256   | 144         | 4.5         | f16 d, 16 x 7-bit signed scales, nibbles -> grid |
+//! | q3_s    | 256   | 105         | 3.28        | f16 d, 8 x 5-bit signed scales, 16 grid bits, 3-bit indices |
+//! | q2_s    | 256   | 82          | 2.56        | f16 d, 32 x 4-bit signed scales, 2-bit indices -> grid |
 //!
 //! Our int4 is `q4_s` (ours: no ggml twin) where a row is a whole number of 256-weight
 //! super-blocks and `iq4_nl` elsewhere (`QuantType::int4_for`); both beat `q4_0` at the same 4.5
 //! bits per weight, q4_s by the most (see `formats/blocks.md` for the measurements). `q4_0` is
-//! here as the yardstick, and so that files quantized by others can be read. Every quantizer is deterministic: the same row gives the same
-//! bytes on every CPU.
+//! here as the yardstick, and so that files quantized by others can be read. q3_s and q2_s (ours)
+//! are the low-bit expert types; they are reached through their modules' free functions, which
+//! take an optional importance per weight. Every quantizer is deterministic: the same row gives
+//! the same bytes on every CPU.
 
 /// Defines `pub fn $name($args)` running `$generic` compiled for AVX2 when the CPU has it (checked
 /// at run time) and for the baseline target otherwise. `$generic` and everything it calls in the
@@ -42,7 +46,11 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+pub(crate) mod bytes;
 pub mod iq4_nl;
+mod lowbit;
+pub mod q2_s;
+pub mod q3_s;
 pub mod measure;
 pub mod q4_0;
 pub mod q4_k;
@@ -52,6 +60,7 @@ pub mod q8_0;
 pub use iq4_nl::IQ4_NL_GRID;
 pub use q4_k::QK_K;
 
+use bytes::block_scale;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -225,12 +234,6 @@ pub(crate) fn dequantize_nibble_row(bytes: &[u8], out: &mut [f32], table: &[i8; 
             y[j + QK / 2] = d * table[(b[2 + j] >> 4) as usize] as f32;
         }
     }
-}
-
-/// Read the little-endian f16 scale at the start of a block.
-#[inline(always)]
-pub(crate) fn block_scale(block: &[u8]) -> f32 {
-    half::f16::from_le_bytes([block[0], block[1]]).to_f32()
 }
 
 /// A scale as a block stores it: f16, rounded to nearest even like ggml's `GGML_FP32_TO_FP16`,

@@ -8,6 +8,7 @@
 //! truncates through an int8_t, Rust through `as i32`; both truncate toward zero and the value
 //! lies in [0.5, 16.5].) `tests/ggml_crosscheck.rs` checks the bytes against ggml itself.
 
+use super::bytes::MINUS_8_TABLE;
 use super::{f16_scale, QK};
 
 pub const BLOCK_BYTES: usize = 2 + QK / 2;
@@ -32,8 +33,6 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
     }
 }
 
-/// Nibble n stands for n - 8.
-const Q4_0_TABLE: [i8; 16] = [-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7];
 
 #[inline(always)]
 fn quantize_row_generic(row: &[f32], out: &mut [u8]) {
@@ -44,7 +43,7 @@ fn quantize_row_generic(row: &[f32], out: &mut [u8]) {
 
 #[inline(always)]
 fn dequantize_row_generic(bytes: &[u8], out: &mut [f32]) {
-    super::dequantize_nibble_row(bytes, out, &Q4_0_TABLE);
+    super::dequantize_nibble_row(bytes, out, &MINUS_8_TABLE);
 }
 
 super::multiversion!(quantize_row, quantize_row_generic, quantize_row_avx2, (row: &[f32], out: &mut [u8]));

@@ -30,7 +30,8 @@
 //! integers either side of `a[j] / d`, then `d` refit by least squares over the super-block and the
 //! integers chosen again while the squared error falls.
 
-use super::iq4_nl::{evaluate as evaluate_nonzero, nearest_index, search_scale};
+use super::bytes::block_scale;
+use super::iq4_nl::{evaluate2, nearest_indices, search_scales};
 use super::{f16_round, f16_scale, IQ4_NL_GRID};
 
 /// Weights per super-block.
@@ -81,38 +82,39 @@ pub fn pack_scales(sc: &[i8; NSUB]) -> [u8; 14] {
     s
 }
 
-/// Squared error, sum(g * x) and sum(g * g) of the nearest-grid assignment of a sub-block at
-/// scale `c` (grid values g, weights x); `c = 0` stores zeros.
-#[inline(always)]
-fn evaluate(x: &[f32; SUB], c: f32) -> (f32, f32, f32) {
-    if c == 0.0 {
-        let mut e = 0f32;
-        for &v in x {
-            e += v * v;
-        }
-        return (e, 0.0, 0.0);
-    }
-    evaluate_nonzero(x, c)
-}
-
 /// Integer sub-scales for super-block scale `d`, each the better of the two integers either
 /// side of `a[j] / d`; returns them with the total squared error and the least-squares sums for `d`.
+/// `sq[j]` is sub-block j's sum of squares in weight order: its error at scale 0 (stored zeros).
 #[inline(always)]
-fn choose_ints(x: &[[f32; SUB]; NSUB], a: &[f32; NSUB], d: f32) -> ([i8; NSUB], f32, f32, f32) {
+fn choose_ints(
+    x: &[[f32; SUB]; NSUB],
+    sq: &[f32; NSUB],
+    a: &[f32; NSUB],
+    d: f32,
+) -> ([i8; NSUB], f32, f32, f32) {
     let mut s = [0i8; NSUB];
     let (mut err, mut num, mut den) = (0f32, 0f32, 0f32);
     for j in 0..NSUB {
         let u = (a[j] / d).clamp(S_MIN as f32, S_MAX as f32);
         let lo = u.floor() as i32;
+        let t = [lo, lo + 1];
+        // Both integers' errors in one pass; a scale of 0 (or an integer out of range, whose
+        // result is ignored) is evaluated at 1 and its result replaced, without a branch.
+        let c = [d * t[0] as f32, d * t[1] as f32];
+        let pass = evaluate2(
+            &x[j],
+            if c[0] == 0.0 { 1.0 } else { c[0] },
+            if c[1] == 0.0 { 1.0 } else { c[1] },
+        );
         let mut best = (f32::MAX, 0f32, 0f32, 0i32);
-        for t in [lo, lo + 1] {
-            if !(S_MIN..=S_MAX).contains(&t) {
-                continue;
-            }
-            let (e, gx, gg) = evaluate(&x[j], d * t as f32);
-            if e < best.0 {
-                best = (e, gx, gg, t);
-            }
+        for i in 0..2 {
+            let (e, gx, gg) = if c[i] == 0.0 {
+                (sq[j], 0.0, 0.0)
+            } else {
+                pass[i]
+            };
+            let better = (S_MIN..=S_MAX).contains(&t[i]) && e < best.0;
+            best = if better { (e, gx, gg, t[i]) } else { best };
         }
         let (e, gx, gg, t) = best;
         s[j] = t as i8;
@@ -130,12 +132,17 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
     for (j, s) in subs.iter_mut().enumerate() {
         s.copy_from_slice(&x[SUB * j..SUB * (j + 1)]);
     }
-    let mut a = [0f32; NSUB];
-    let mut amax = 0f32;
+    // iq4_nl's search, without rounding the scale: it becomes an integer under `d`.
+    let a = search_scales::<SUB, false, NSUB>(&subs);
+    let mut sq = [0f32; NSUB];
     for j in 0..NSUB {
-        // iq4_nl's search, without rounding the scale: it becomes an integer under `d`.
-        a[j] = search_scale::<SUB, false>(&subs[j]);
-        amax = amax.max(a[j].abs());
+        for &v in &subs[j] {
+            sq[j] += v * v;
+        }
+    }
+    let mut amax = 0f32;
+    for &aj in &a {
+        amax = amax.max(aj.abs());
     }
     b.fill(0);
     if amax < TINY {
@@ -143,7 +150,10 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
     }
     // d > 0; the largest sub-scale maps to 63, or to -64 when it is negative (the wider end).
     let mut best: Option<(f32, [i8; NSUB], f32)> = None;
-    let amax_signed = a.iter().copied().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+    let amax_signed = a
+        .iter()
+        .copied()
+        .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
     let starts = [amax / S_MAX as f32, amax / -S_MIN as f32];
     for &d0 in &starts[..if amax_signed < 0.0 { 2 } else { 1 }] {
         let mut d = round_d(d0);
@@ -151,7 +161,7 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
             if d <= 0.0 || !d.is_finite() {
                 break;
             }
-            let (s, err, num, den) = choose_ints(&subs, &a, d);
+            let (s, err, num, den) = choose_ints(&subs, &sq, &a, d);
             if best.is_none_or(|(_, _, e)| err < e) {
                 best = Some((d, s, err));
             } else {
@@ -175,17 +185,20 @@ fn quantize_block(x: &[f32], b: &mut [u8]) {
         if c == 0.0 {
             continue; // nibbles stay 0; the scale makes them zeros
         }
-        let ic = 1.0 / c;
+        let n = nearest_indices(&subs[j], 1.0 / c);
         let (blk, shift) = (j / 2, 4 * (j % 2));
         for l in 0..SUB {
-            b[16 + 16 * blk + l] |= nearest_index(subs[j][l] * ic) << shift;
+            b[16 + 16 * blk + l] |= n[l] << shift;
         }
     }
 }
 
 #[inline(always)]
 fn quantize_row_generic(row: &[f32], out: &mut [u8]) {
-    for (x, b) in row.chunks_exact(QK_S).zip(out.chunks_exact_mut(BLOCK_BYTES)) {
+    for (x, b) in row
+        .chunks_exact(QK_S)
+        .zip(out.chunks_exact_mut(BLOCK_BYTES))
+    {
         let mut finite = true;
         for &v in x {
             finite &= v.is_finite();
@@ -196,7 +209,11 @@ fn quantize_row_generic(row: &[f32], out: &mut [u8]) {
             // Rare: NaN becomes 0 and infinities the largest finite values.
             let mut clean = [0f32; QK_S];
             for (c, &v) in clean.iter_mut().zip(x) {
-                *c = if v.is_nan() { 0.0 } else { v.clamp(f32::MIN, f32::MAX) };
+                *c = if v.is_nan() {
+                    0.0
+                } else {
+                    v.clamp(f32::MIN, f32::MAX)
+                };
             }
             quantize_block(&clean, b);
         }
@@ -208,7 +225,7 @@ fn quantize_row_generic(row: &[f32], out: &mut [u8]) {
 #[inline(always)]
 fn dequantize_row_generic(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(QK_S)) {
-        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32() * D_UNIT;
+        let d = block_scale(b) * D_UNIT;
         let s = unpack_scales(&b[2..16]);
         for blk in 0..NSUB / 2 {
             let q = &b[16 + 16 * blk..32 + 16 * blk];
@@ -222,7 +239,34 @@ fn dequantize_row_generic(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-super::multiversion!(quantize_row, quantize_row_generic, quantize_row_avx2, (row: &[f32], out: &mut [u8]));
+/// Quantize a row: the search compiled for AVX-512 or AVX2 when the CPU has it (so that its
+/// vector loops inline), else for the baseline; every copy gives the same bytes.
+pub fn quantize_row(row: &[f32], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, as just checked.
+            return unsafe { quantize_row_avx512(row, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, as just checked.
+            return unsafe { quantize_row_avx2(row, out) };
+        }
+    }
+    quantize_row_generic(row, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_row_avx512(row: &[f32], out: &mut [u8]) {
+    quantize_row_generic(row, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(row: &[f32], out: &mut [u8]) {
+    quantize_row_generic(row, out)
+}
 super::multiversion!(dequantize_row, dequantize_row_generic, dequantize_row_avx2, (bytes: &[u8], out: &mut [f32]));
 
 #[cfg(test)]
@@ -234,7 +278,8 @@ mod tests {
     fn scale_packing_round_trips() {
         let mut sc = [0i8; NSUB];
         for (j, s) in sc.iter_mut().enumerate() {
-            *s = [-64, 63, 0, -1, 1, 17, -33, 42][j % 8] + if j >= 8 { (j as i8 % 3) - 1 } else { 0 };
+            *s = [-64, 63, 0, -1, 1, 17, -33, 42][j % 8]
+                + if j >= 8 { (j as i8 % 3) - 1 } else { 0 };
             *s = (*s).clamp(-64, 63);
         }
         assert_eq!(unpack_scales(&pack_scales(&sc)), sc);

@@ -7,7 +7,8 @@
 //! to auto-vectorize: no serial float reductions, no libm calls, and an AVX2 build of the same code
 //! chosen at run time. Both builds give identical bytes (no FMA contraction, same operation order).
 
-use super::{block_scale, f16_scale, QK};
+use super::bytes::block_scale;
+use super::{f16_scale, QK};
 
 pub const BLOCK_BYTES: usize = 2 + QK;
 

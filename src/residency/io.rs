@@ -35,12 +35,10 @@ use crate::format::manifest::{Compression, ExpertChunk};
 use crate::format::ConvertedModel;
 use memmap2::Mmap;
 use serde::Serialize;
-use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::ptr::NonNull;
 use std::str::FromStr;
 
 /// Alignment of `O_DIRECT` buffers, offsets and lengths.
@@ -76,64 +74,9 @@ impl ReadPath {
     }
 }
 
-/// A heap buffer whose start is aligned for `O_DIRECT`. Grows, never shrinks.
-pub struct AlignedBuf {
-    ptr: NonNull<u8>,
-    cap: usize,
-}
-
-// SAFETY: the buffer owns its allocation exclusively, like a Vec<u8>.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    pub fn new() -> AlignedBuf {
-        AlignedBuf { ptr: NonNull::dangling(), cap: 0 }
-    }
-
-    /// A zeroed slice of `len` bytes at an aligned address (contents of earlier uses may remain
-    /// past what the caller writes; callers read only what they wrote).
-    pub fn get(&mut self, len: usize) -> &mut [u8] {
-        if len > self.cap {
-            let cap = len.next_multiple_of(DIRECT_ALIGN);
-            let layout = Layout::from_size_align(cap, DIRECT_ALIGN).expect("buffer size overflows");
-            // SAFETY: layout has non-zero size (len > cap >= 0 and rounded up to 4096).
-            let p = unsafe { alloc::alloc_zeroed(layout) };
-            let Some(p) = NonNull::new(p) else { alloc::handle_alloc_error(layout) };
-            self.release();
-            self.ptr = p;
-            self.cap = cap;
-        }
-        // SAFETY: ptr is valid for cap >= len initialised bytes, exclusively borrowed via &mut.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), len) }
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.cap
-    }
-
-    fn release(&mut self) {
-        if self.cap > 0 {
-            // SAFETY: allocated in `get` with exactly this layout.
-            unsafe {
-                alloc::dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.cap, DIRECT_ALIGN))
-            };
-            self.cap = 0;
-            self.ptr = NonNull::dangling();
-        }
-    }
-}
-
-impl Default for AlignedBuf {
-    fn default() -> Self {
-        AlignedBuf::new()
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        self.release();
-    }
-}
+/// The buffers reads land in: page-aligned, as `O_DIRECT` needs.
+pub use crate::kernels::AlignedBuf;
+const _: () = assert!(AlignedBuf::ALIGN % DIRECT_ALIGN == 0);
 
 fn fadvise(file: &File, offset: u64, len: u64, advice: libc::c_int) {
     // SAFETY: plain syscall on a valid descriptor; failure only means the hint was ignored.

@@ -134,6 +134,31 @@ pub fn compare(golden: &npy::NpyArray, ours: &[f32]) -> Agreement {
     Agreement { max_abs, mean_kl, median_kl, top1: agree as f64 / t_n as f64 }
 }
 
+/// KL(softmax(golden) || softmax(ours)) at each position, in nats.
+pub fn kl_per_position(golden: &npy::NpyArray, ours: &[f32]) -> Vec<f64> {
+    let v = golden.shape[1];
+    assert_eq!(ours.len(), golden.shape[0] * v, "logit shape");
+    (0..golden.shape[0])
+        .map(|t| {
+            let o: Vec<f64> = ours[t * v..][..v].iter().map(|&x| x as f64).collect();
+            let (lg, lo) = (log_softmax(golden.row(t)), log_softmax(&o));
+            lg.iter().zip(&lo).map(|(p, q)| p.exp() * (p - q)).sum()
+        })
+        .collect()
+}
+
+/// A paired comparison of per-position KLs at the same positions: the mean over positions of
+/// `kl[t] - factor * base[t]`, and twice its standard error. `kl` is measurably worse than
+/// `factor` times `base` (at about 98% confidence) when the mean exceeds the second number.
+pub fn paired_excess(kl: &[f64], base: &[f64], factor: f64) -> (f64, f64) {
+    assert_eq!(kl.len(), base.len());
+    let d: Vec<f64> = kl.iter().zip(base).map(|(a, b)| a - factor * b).collect();
+    let n = d.len() as f64;
+    let m = d.iter().sum::<f64>() / n;
+    let se = (d.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0)).sqrt() / n.sqrt();
+    (m, 2.0 * se)
+}
+
 pub fn log_softmax(x: &[f64]) -> Vec<f64> {
     let m = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let lse = m + x.iter().map(|v| (v - m).exp()).sum::<f64>().ln();

@@ -11,15 +11,27 @@ use grok1::kernels::Matrix;
 use grok1::quant::QuantType;
 use std::path::{Path, PathBuf};
 
+/// The GPU's product against the CPU's f32 reference for the same stored bytes: the matrix's
+/// rows as the CPU dequantizes them, dotted with `x` in f64. The GPU keeps activations in f32,
+/// so this is like with like (the CPU's own `matvec` quantizes `x` to int8, an error of its own
+/// about 1/254 of the largest |x| per block that would hide a wrong upload). The bound is
+/// `gpu_kernels/matrices.rs`'s: f32 accumulation error, a small fraction of sum |w x|. Plant a
+/// fault (swap two rows in `DenseWeights::upload`, or upload one tensor's bytes for another) and
+/// the row it moved fails.
 fn check(gpu: &grok1::gpu::Gpu, what: &str, d: &DeviceMatrix, c: &Matrix) {
     assert_eq!((d.rows, d.cols, d.qtype), (c.rows, c.cols, c.qtype), "{what}");
     let x = random(c.cols, c.rows as u64, 1.0);
-    let mut want = vec![0f32; c.rows];
-    c.matvec(&x, &mut want);
     let got = d.matvec_host(gpu, &x).unwrap();
-    let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-    for (r, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!((g - w).abs() <= 1e-4 * scale, "{what} row {r}: {g} vs {w}");
+    assert_eq!(got.len(), c.rows, "{what}");
+    let mut row = vec![0f32; c.cols];
+    for (r, g) in got.iter().enumerate() {
+        c.row_f32(r, &mut row);
+        let want: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let mag: f64 = row.iter().zip(&x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+        assert!(
+            (*g as f64 - want).abs() <= 1e-5 * mag + 1e-6,
+            "{what} row {r}: GPU {g} vs CPU f32 reference {want} (sum |w x| {mag})"
+        );
     }
 }
 

@@ -21,6 +21,8 @@
 
 mod search;
 
+use super::bytes::f16_at;
+
 /// Weights per super-block.
 pub const QK_K: usize = 256;
 pub const BLOCK_BYTES: usize = 4 + 12 + QK_K / 2;
@@ -73,11 +75,24 @@ fn quantize_row_impl<const AVX2: bool>(row: &[f32], out: &mut [u8]) {
 
 pub fn quantize_row(row: &[f32], out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, as just checked.
-        return unsafe { quantize_row_avx2(row, out) };
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, as just checked.
+            return unsafe { quantize_row_avx512(row, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, as just checked.
+            return unsafe { quantize_row_avx2(row, out) };
+        }
     }
     quantize_row_impl::<false>(row, out)
+}
+
+/// The AVX2 search compiled with AVX-512 allowed, which the scalar glue between its kernels uses.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_row_avx512(row: &[f32], out: &mut [u8]) {
+    quantize_row_impl::<true>(row, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -92,8 +107,7 @@ unsafe fn quantize_row_avx2(row: &[f32], out: &mut [u8]) {
 #[inline(always)]
 fn dequantize_row_generic(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(QK_K)) {
-        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-        let dmin = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
         let scales = &b[4..16];
         let qs = &b[16..BLOCK_BYTES];
         for c in 0..4 {
