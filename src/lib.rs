@@ -9,7 +9,6 @@
 //! format       chunks, shards, sha256, manifest written last; reader and verifier
 //! calib        calibration: what each expert sees and how often; types to a size target
 //! convert      the parallel, resumable pipeline that ties the three above together
-//! target_size  a type per expert to a size target, from the converter's plan
 //! expert       one expert's three matrices, whoever holds them
 //! residency    which expert lives where (RAM within a budget, or disk), reads, prefetch; plan
 //! kernels      dot products and matrix products per CPU feature set
@@ -17,6 +16,7 @@
 //! model        the Grok-1 forward pass, readable top to bottom, over a backend seam
 //! placement    which backend a run gets: the CPU, or a device holding dense + hot experts
 //! tokenizer    SentencePiece BPE, text in, text out
+//! target_size  a type per expert to a size target, from the converter's plan and the cost model
 //! ```
 //!
 //! The library never prints: progress flows out through callbacks and results.

@@ -364,6 +364,18 @@ fn target_size_lands_under_the_target_and_beats_a_random_assignment() {
     };
     let golden = NpyArray { shape: vec![kl_toks.len(), c.vocab_size], data: lossless.iter().map(|&x| x as f64).collect() };
     let chosen = compare(&golden, &dir_logits(Path::new(&path("mix")), &kl_toks)).mean_kl;
+    // The routing on the measured tokens, to compare with the calibration text's.
+    let eval_freqs = {
+        let m = Model::new(c.clone(), Weights::from_source(&src, QuantType::Bf16, QuantType::Bf16).unwrap()).unwrap();
+        let rec = Arc::new(Recorder::new(c));
+        m.prefill_observed(&kl_toks, &mut KvCache::new(c, kl_toks.len()), rec.clone()).unwrap();
+        rec.finish(kl_toks.len() as u64, "eval").routing_frequencies()
+    };
+    // Share of the routing (on the measured tokens) that lands on q8_0 experts.
+    let q8_share = |types: &[QuantType]| -> f64 {
+        types.iter().zip(&eval_freqs).filter(|(t, _)| **t == QuantType::Q8_0).map(|(_, f)| f).sum::<f64>() / c.n_layers as f64
+    };
+    println!("q8_0 share of the routing on the measured tokens: chosen {:.3}", q8_share(&types));
     let mut x = 99u64;
     let mut randoms = Vec::new();
     for r in 0..3 {
@@ -377,6 +389,7 @@ fn target_size_lands_under_the_target_and_beats_a_random_assignment() {
         let o = ConvertOptions { threads: 2, expert_types: Some((shuffled, mix)), ..ConvertOptions::default() };
         convert(&src, &dst, &o, &mut |_| {}).unwrap();
         assert_eq!(shard_bytes(&dst), bytes, "the same types, the same size");
+        println!("random {r}: q8_0 share of the routing {:.3}", q8_share(o.expert_types.as_ref().unwrap().0.as_slice()));
         randoms.push(compare(&golden, &dir_logits(&dst, &kl_toks)).mean_kl);
     }
     // For the record: the same target without the calibration (uniform frequencies, errors on
@@ -392,7 +405,10 @@ fn target_size_lands_under_the_target_and_beats_a_random_assignment() {
     );
     // Measured (tiny widths, 16 layers, skew 6, 256 positions): chosen 1.40e-2, random
     // 1.81-1.84e-2, without calibration 1.68e-2, all q4_s 1.88e-2. The routing frequencies are
-    // what the calibration adds.
+    // what the calibration adds. Not general yet: with small's widths (CAL_PRESET=small
+    // CAL_LAYERS=12 CAL_TOKENS=1024) the chosen mix puts 62% of the measured tokens' routing on
+    // q8_0 against 33-42% for the random ones, yet its KL is 1.63e-2 against 1.52-1.61e-2 (all
+    // q4_s 1.82e-2): there the KL does not follow routed error, and the objective needs work.
     assert!(chosen < nocal, "with calibration {chosen:.3e}, without {nocal:.3e}");
     for r in &randoms {
         assert!(chosen < *r, "chosen {chosen:.3e} vs random {r:.3e}");

@@ -228,7 +228,7 @@ mod tests {
         let n_jobs = 2048;
         let len = BLOCK_ELEMS * 2;
         let jobs: Vec<Job> =
-            (0..n_jobs).map(|b| Job { item: 0, block: b as u64, start: b * len, len }).collect();
+            (0..n_jobs).map(|b| Job { item: 0, block: b as u64, row0: 0, cols: 1, start: b * len, len }).collect();
         let mut buf = vec![0u8; WINDOW_BYTES];
         let per = WINDOW_BYTES / len;
         let t = std::time::Instant::now();
@@ -264,7 +264,7 @@ mod tests {
             let mut s = 0;
             lens.iter()
                 .map(|&len| {
-                    let j = Job { item: 0, block: 0, start: s, len };
+                    let j = Job { item: 0, block: 0, row0: 0, cols: 1, start: s, len };
                     s += len;
                     j
                 })
