@@ -108,7 +108,7 @@ pub fn lru(fetches: &[Vec<usize>], capacity: usize) -> Counts {
 /// Adaptive replacement cache. `t1`/`t2` hold residents (seen once recently / at least twice),
 /// `b1`/`b2` the ghosts of what each evicted; `p` is `t1`'s target size. Lists are LRU first.
 pub fn arc(fetches: &[Vec<usize>], capacity: usize) -> Counts {
-    let mut a = Arc::new(capacity);
+    let mut a = ArcCache::new(capacity);
     let mut c = Counts::default();
     for f in fetches {
         for &s in f {
@@ -118,7 +118,7 @@ pub fn arc(fetches: &[Vec<usize>], capacity: usize) -> Counts {
     c
 }
 
-struct Arc {
+struct ArcCache {
     c: usize,
     p: f64,
     t1: VecDeque<usize>,
@@ -137,9 +137,9 @@ fn take(list: &mut VecDeque<usize>, s: usize) -> bool {
     }
 }
 
-impl Arc {
-    fn new(c: usize) -> Arc {
-        Arc { c, p: 0.0, t1: VecDeque::new(), t2: VecDeque::new(), b1: VecDeque::new(), b2: VecDeque::new() }
+impl ArcCache {
+    fn new(c: usize) -> ArcCache {
+        ArcCache { c, p: 0.0, t1: VecDeque::new(), t2: VecDeque::new(), b1: VecDeque::new(), b2: VecDeque::new() }
     }
 
     /// Evict one resident into its ghost list, `t1`'s LRU if `t1` is over its target.
