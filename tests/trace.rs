@@ -105,7 +105,7 @@ fn a_trace_reads_back_as_the_router_decided_and_appends() {
 
     // A trace of another model is not appended to.
     let other = TraceShape { n_experts: s.n_experts * 2, ..s };
-    let e = TraceWriter::create(&path, other, true).err().expect("shape mismatch");
+    let Err(e) = TraceWriter::create(&path, other, true) else { panic!("appended to a trace of another shape") };
     assert!(e.to_string().contains("t.trace") && e.to_string().contains("this model has"), "{e}");
 }
 
