@@ -17,6 +17,7 @@ use crate::format::manifest::{
     CalibrationUsed, ChunkTensor, Compression, DenseEntry, ExpertChunk, ExpertMix, FileEntry, Manifest,
     QuantChoice, ShardEntry, ShardKind,
 };
+use crate::format::checksum::FastHasher;
 use crate::format::writer::{fsync_dir, sha256_hex, tmp_path, write_atomic, ShardWriter};
 use crate::format::{
     align_up, dense_shard_name, expert_shard_name, CHUNK_ALIGN, FORMAT_NAME, FORMAT_VERSION,
@@ -483,6 +484,7 @@ pub fn convert(
                 w.pad_to(CHUNK_ALIGN)?;
                 let start = w.pos();
                 let mut item_hash = Sha256::new();
+                let mut item_xxh3 = FastHasher::new();
                 let is_expert = matches!(item.kind, ItemKind::Expert { .. });
                 let mut tensors = Vec::new();
                 for (pi, part) in item.parts.iter().enumerate() {
@@ -494,6 +496,7 @@ pub fn convert(
                         int8_blocks_kept += out.int8_blocks_kept;
                         let stored = Arc::new(out.stored);
                         w.write_shared(stored.clone())?;
+                        item_xxh3.update(&stored[..]);
                         let raw = out.raw.as_deref().unwrap_or(&stored);
                         let tensor_bytes = (pc.nrows * part.row_bytes).min(raw.len());
                         th.update(&raw[..tensor_bytes]);
@@ -528,6 +531,7 @@ pub fn convert(
                             offset: start,
                             bytes: stored,
                             sha256: item_sha,
+                            xxh3: Some(item_xxh3.finish_hex()),
                         })
                     }
                     ItemKind::Expert { layer, expert } => rec.experts.push(ExpertChunk {
@@ -539,6 +543,7 @@ pub fn convert(
                         raw_bytes: item.raw_bytes,
                         compression: opts.compression,
                         sha256: item_sha,
+                        xxh3: Some(item_xxh3.finish_hex()),
                         tensors: tensors
                             .iter()
                             .map(|(p, h)| ChunkTensor {

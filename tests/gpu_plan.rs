@@ -73,6 +73,7 @@ fn manifest(c: &GrokConfig, dense_q: QuantType, expert_q: QuantType) -> Manifest
                 offset: 0,
                 bytes,
                 sha256: String::new(),
+                xxh3: None,
             }
         })
         .collect();
@@ -104,6 +105,7 @@ fn manifest(c: &GrokConfig, dense_q: QuantType, expert_q: QuantType) -> Manifest
                 raw_bytes: raw,
                 compression: Compression::None,
                 sha256: String::new(),
+                xxh3: None,
                 tensors,
             });
         }

@@ -347,10 +347,27 @@ fn a_corrupt_chunk_is_an_error_naming_its_shard() {
     let results: Vec<_> = store.fetch(1, &[3, 4]).collect();
     assert_eq!(results.len(), 2);
     let err = results.into_iter().find_map(|r| r.err()).expect("an error").to_string();
-    assert!(err.contains("does not decompress") && err.contains(&shard_file), "{err}");
+    // The chunk's xxh3 catches the damage before decompression is tried.
+    assert!(err.contains("xxh3") && err.contains(&shard_file), "{err}");
     assert_eq!(store.stats().disk.errors, 1);
     // The store goes on serving the healthy experts.
     assert!(store.fetch(1, &[3]).all(|r| r.is_ok()));
+    drop(store);
+    // A model converted before xxh3 was recorded: decompression itself finds the damage.
+    let mpath = dir.join(grok1::format::MANIFEST_FILE);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    for chunk in v["experts"].as_array_mut().unwrap() {
+        chunk.as_object_mut().unwrap().remove("xxh3");
+    }
+    let mut perm = std::fs::metadata(&mpath).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perm.set_readonly(false);
+    std::fs::set_permissions(&mpath, perm).unwrap();
+    std::fs::write(&mpath, serde_json::to_vec(&v).unwrap()).unwrap();
+    let m = Arc::new(ConvertedModel::open(&dir).unwrap());
+    let store = ExpertStore::open(m, &StoreOptions { ram_budget: 0, ..Default::default() }).unwrap();
+    let err = store.fetch(1, &[4]).find_map(|r| r.err()).expect("an error").to_string();
+    assert!(err.contains("does not decompress") && err.contains(&shard_file), "{err}");
 }
 
 #[test]

@@ -43,6 +43,9 @@ pub struct DenseEntry {
     pub offset: u64,
     pub bytes: u64,
     pub sha256: String,
+    /// XXH3-64 of the stored bytes (see `format::checksum`); absent in older models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xxh3: Option<String>,
 }
 
 /// One tensor inside an expert chunk; `offset` is relative to the start of the raw
@@ -101,6 +104,10 @@ pub struct ExpertChunk {
     pub compression: Compression,
     /// sha256 of the stored bytes.
     pub sha256: String,
+    /// XXH3-64 of the stored bytes, checked on every read (see `format::checksum`); absent in
+    /// older models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xxh3: Option<String>,
     pub tensors: Vec<ChunkTensor>,
 }
 

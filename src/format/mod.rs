@@ -2,6 +2,7 @@
 //! shard files holding aligned tensors and per-expert chunks, and `manifest.json`, written last,
 //! which says where everything is and what its sha256 is.
 
+pub mod checksum;
 pub mod inspect;
 pub mod manifest;
 pub mod reader;

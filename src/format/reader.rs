@@ -1,6 +1,7 @@
 //! Opening a converted model: the manifest, memory-mapped shards, and one-read access to an
 //! expert chunk.
 
+use super::checksum::{self, Checked, Origin};
 use super::manifest::{Compression, ExpertChunk, Manifest, ShardKind};
 use super::{MANIFEST_FILE, TOKENIZER_FILE};
 use crate::config::GrokConfig;
@@ -10,7 +11,8 @@ use memmap2::Mmap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Once, OnceLock};
 
 pub struct ConvertedModel {
     pub dir: PathBuf,
@@ -19,6 +21,11 @@ pub struct ConvertedModel {
     maps: Vec<OnceLock<Mmap>>,
     /// Index into `manifest.experts` by `layer * n_experts + expert`.
     expert_index: Vec<usize>,
+    /// Check dense tensors as they are handed out, and bytes without an `xxh3` against sha256
+    /// (`--verify-load`).
+    verify_all: AtomicBool,
+    /// Says once that expert reads of this model go unchecked.
+    unchecked_warning: Once,
 }
 
 /// A dense tensor viewed in place.
@@ -57,7 +64,44 @@ impl ConvertedModel {
             expert_index[c.layer * n_e + c.expert] = i;
         }
         let maps = (0..files.len()).map(|_| OnceLock::new()).collect();
-        Ok(ConvertedModel { dir: dir.to_path_buf(), manifest, files, maps, expert_index })
+        Ok(ConvertedModel {
+            dir: dir.to_path_buf(),
+            manifest,
+            files,
+            maps,
+            expert_index,
+            verify_all: AtomicBool::new(false),
+            unchecked_warning: Once::new(),
+        })
+    }
+
+    /// Check everything handed out from now on: each dense tensor by `dense` (against its
+    /// `xxh3`, or its sha256 in older models), and expert chunks without an `xxh3` against
+    /// their sha256. Expert chunks with an `xxh3` are checked on every read regardless.
+    pub fn set_verify_all(&self, on: bool) {
+        self.verify_all.store(on, Ordering::Relaxed);
+    }
+
+    pub fn verifies_all(&self) -> bool {
+        self.verify_all.load(Ordering::Relaxed)
+    }
+
+    /// Check the stored bytes of `chunk` just read from its shard, before anything decodes them.
+    pub fn check_expert(&self, chunk: &ExpertChunk, stored: &[u8]) -> Result<()> {
+        let file = self.shard_path(chunk.shard);
+        let what = format!("expert chunk (layer {}, expert {})", chunk.layer, chunk.expert);
+        let origin = Origin { file: &file, what: &what, offset: chunk.offset };
+        let sha = self.verifies_all().then_some(chunk.sha256.as_str());
+        if checksum::check(&origin, chunk.xxh3.as_deref(), sha, stored)? == Checked::Nothing {
+            self.unchecked_warning.call_once(|| {
+                eprintln!(
+                    "warning: {}: no xxh3 checksums (converted by an older version): expert reads are \
+                     not checked; --verify-load checks them against sha256, or convert again",
+                    self.dir.join(MANIFEST_FILE).display()
+                )
+            });
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &GrokConfig {
@@ -96,6 +140,12 @@ impl ConvertedModel {
             ));
         }
         let bytes = &map[e.offset as usize..(e.offset + e.bytes) as usize];
+        if self.verifies_all() {
+            let file = self.shard_path(e.shard);
+            let what = format!("tensor {name}");
+            let origin = Origin { file: &file, what: &what, offset: e.offset };
+            checksum::check(&origin, e.xxh3.as_deref(), Some(&e.sha256), bytes)?;
+        }
         Ok(DenseView { qtype: e.qtype, shape: &e.shape, bytes })
     }
 
@@ -140,10 +190,12 @@ impl ConvertedModel {
             Compression::None => {
                 out.resize(c.raw_bytes as usize, 0);
                 file.read_exact_at(out, c.offset).at(self.shard_path(c.shard))?;
+                self.check_expert(c, out)?;
             }
             Compression::Zstd => {
                 let mut stored = vec![0u8; c.bytes as usize];
                 file.read_exact_at(&mut stored, c.offset).at(self.shard_path(c.shard))?;
+                self.check_expert(c, &stored)?;
                 out.clear();
                 out.reserve(c.raw_bytes as usize);
                 zstd::stream::copy_decode(&stored[..], &mut *out).map_err(|e| {

@@ -9,6 +9,7 @@
 //! the hashes; an edit of a config value that changes no shape (a norm epsilon, the RoPE base) is
 //! not, as the format records no checksum of the manifest itself.
 
+use super::checksum::FastHasher;
 use super::manifest::{Compression, Manifest, ShardKind};
 use super::{MANIFEST_FILE, PARTIAL_DIR, TOKENIZER_FILE};
 use crate::checkpoint::Tensor;
@@ -84,6 +85,8 @@ struct Region {
     end: u64,
     expected: String,
     hasher: Sha256,
+    /// The region's `xxh3`, where the manifest has one, and its hasher.
+    fast: Option<(String, FastHasher)>,
     what: RegionKind,
 }
 
@@ -270,6 +273,7 @@ fn check_shard(dir: &Path, m: &Manifest, shard: usize, progress: &(dyn Fn(u64) +
                     end: d.offset + d.bytes,
                     expected: d.sha256.clone(),
                     hasher: Sha256::new(),
+                    fast: d.xxh3.clone().map(|x| (x, FastHasher::new())),
                     what: RegionKind::Dense(d.name.clone()),
                 });
             }
@@ -281,6 +285,7 @@ fn check_shard(dir: &Path, m: &Manifest, shard: usize, progress: &(dyn Fn(u64) +
                     end: c.offset + c.bytes,
                     expected: c.sha256.clone(),
                     hasher: Sha256::new(),
+                    fast: c.xxh3.clone().map(|x| (x, FastHasher::new())),
                     what: RegionKind::Chunk { index },
                 });
                 if c.compression == Compression::None {
@@ -290,6 +295,7 @@ fn check_shard(dir: &Path, m: &Manifest, shard: usize, progress: &(dyn Fn(u64) +
                             end: c.offset + t.offset + t.bytes,
                             expected: t.sha256.clone(),
                             hasher: Sha256::new(),
+                            fast: None,
                             what: RegionKind::ChunkTensor { index, proj: t.proj.as_str() },
                         });
                     }
@@ -326,6 +332,9 @@ fn check_shard(dir: &Path, m: &Manifest, shard: usize, progress: &(dyn Fn(u64) +
             let e = r.end.min(b1);
             if s < e {
                 r.hasher.update(&block[(s - b0) as usize..(e - b0) as usize]);
+                if let Some((_, h)) = &mut r.fast {
+                    h.update(&block[(s - b0) as usize..(e - b0) as usize]);
+                }
             }
         }
         pos = b1;
@@ -338,7 +347,8 @@ fn check_shard(dir: &Path, m: &Manifest, shard: usize, progress: &(dyn Fn(u64) +
     // Name the bad dense tensors, and the bad expert chunks with the tensors inside them.
     let mut bad_chunks: Vec<(usize, Vec<String>)> = Vec::new();
     for r in regions {
-        let ok = r.end <= pos && hex::encode(r.hasher.finalize()) == r.expected;
+        let fast_ok = r.fast.as_ref().is_none_or(|(x, h)| h.finish_hex() == *x);
+        let ok = r.end <= pos && hex::encode(r.hasher.finalize()) == r.expected && fast_ok;
         if ok {
             continue;
         }

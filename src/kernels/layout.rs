@@ -2,16 +2,11 @@
 //! q4_0 and iq4_nl, `float::FloatTiles`, `k4::K4Tiles`, `s4::S4Tiles`) implements `TileLayout`
 //! (geometry, packing, row decoding, the scalar reference kernel) in its own file, and one
 //! `*Tiles` trait per SIMD path in that path's file. `Matrix` holds the layout as a `dyn Layout`
-//! made once in `for_qtype`, so the only dynamic call a product makes is one per run of tiles a
-//! thread takes; inside it everything is static.
+//! made once in `Matrix::from_bytes` (`matrix::layout_for`), so the only dynamic call a product
+//! makes is one per run of tiles a thread takes; inside it everything is static.
 
 use super::act::QActs;
-use super::float::FloatTiles;
-use super::k4::K4Tiles;
-use super::pack::Tiled;
-use super::s4::S4Tiles;
 use super::Isa;
-use crate::quant::QuantType;
 use std::ops::Range;
 
 /// One matrix product over tiles of layout `L`: the weights at `data` times either the int8
@@ -157,17 +152,5 @@ impl<L: TileLayout> Layout for L {
             Isa::Neon => L::tiles_neon(&j, tiles),
             _ => L::tiles_scalar(&j, tiles),
         }
-    }
-}
-
-/// The runtime layout of a `[rows, cols]` matrix of `qtype`: the one place a block type is
-/// matched to its layout.
-pub(crate) fn for_qtype(qtype: QuantType, rows: usize, cols: usize) -> Box<dyn Layout> {
-    match qtype {
-        QuantType::F32 => Box::new(FloatTiles::new(false, rows, cols)),
-        QuantType::Bf16 => Box::new(FloatTiles::new(true, rows, cols)),
-        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl => Box::new(Tiled::new(qtype, rows, cols)),
-        QuantType::Q4K => Box::new(K4Tiles::new(rows, cols)),
-        QuantType::Q4S => Box::new(S4Tiles::new(rows, cols)),
     }
 }

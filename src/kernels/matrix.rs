@@ -2,7 +2,11 @@
 
 use super::act::QActs;
 use super::buf::AlignedBuf;
-use super::layout::{self, Job, Layout};
+use super::float::FloatTiles;
+use super::k4::K4Tiles;
+use super::layout::{Job, Layout};
+use super::pack::Tiled;
+use super::s4::S4Tiles;
 use super::pack::TILE;
 use super::{pool, selected, Isa};
 use crate::error::{Error, Result};
@@ -19,7 +23,7 @@ pub struct Matrix {
     pub qtype: QuantType,
     pub rows: usize,
     pub cols: usize,
-    /// The runtime layout of `qtype` (`layout::for_qtype`), and the tiles it packed.
+    /// The runtime layout of `qtype` (`layout_for`), and the tiles it packed.
     layout: Box<dyn Layout>,
     tiles: AlignedBuf,
 }
@@ -31,7 +35,7 @@ thread_local! {
 impl Matrix {
     /// Take a matrix in the on-disk byte layout (`rows` rows of `qtype.row_bytes(cols)` bytes).
     pub fn from_bytes(qtype: QuantType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Matrix> {
-        let layout = layout::for_qtype(qtype, rows, cols);
+        let layout = layout_for(qtype, rows, cols);
         let tiles = AlignedBuf::zeroed(layout.tiles() * layout.tile_bytes());
         let mut m = Matrix { qtype, rows, cols, layout, tiles };
         m.reload(bytes)?;
@@ -196,3 +200,15 @@ impl SyncPtr {
 }
 
 const _: () = assert!(TILE == 16);
+
+/// The runtime layout of a `[rows, cols]` matrix of `qtype`: the one place a block type is
+/// matched to its layout. (Here rather than in `layout`, which the layouts themselves import.)
+fn layout_for(qtype: QuantType, rows: usize, cols: usize) -> Box<dyn Layout> {
+    match qtype {
+        QuantType::F32 => Box::new(FloatTiles::new(false, rows, cols)),
+        QuantType::Bf16 => Box::new(FloatTiles::new(true, rows, cols)),
+        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl => Box::new(Tiled::new(qtype, rows, cols)),
+        QuantType::Q4K => Box::new(K4Tiles::new(rows, cols)),
+        QuantType::Q4S => Box::new(S4Tiles::new(rows, cols)),
+    }
+}

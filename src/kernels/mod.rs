@@ -33,7 +33,7 @@
 //!    `tiles_scalar`). Integer layouts read `Job::acts` (int8 blocks of 32 with their scales,
 //!    exact f32 sums, half-block bias corrections); the 4-bit tile interleave's reader is
 //!    `pack::nibble`.
-//! 3. `src/kernels/layout.rs`: one arm in `for_qtype`.
+//! 3. `src/kernels/matrix.rs`: one arm in `layout_for`.
 //! 4. `src/kernels/avx2.rs`, `avx512.rs`, `neon.rs`: `impl Avx2Tiles`, `impl Avx512Tiles`,
 //!    `impl NeonTiles` for the layout (a missing one fails to compile on that architecture;
 //!    check NEON with `.ci/neon.sh`).

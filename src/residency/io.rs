@@ -196,7 +196,8 @@ impl ChunkReader {
     }
 
     /// Read the raw (decompressed) bytes of `chunk` and hand them to `use_raw`, which builds the
-    /// in-memory expert. One read per chunk. Afterwards the chunk's pages are dropped from the
+    /// in-memory expert. One read per chunk; the stored bytes are checked against the manifest's
+    /// `xxh3` (`ConvertedModel::check_expert`) before they are decompressed or used. Afterwards the chunk's pages are dropped from the
     /// page cache (and, for `Mmap`, from this process).
     pub fn with_raw<T>(
         &self,
@@ -213,8 +214,16 @@ impl ChunkReader {
             ReadPath::Mmap => {
                 let m = self.maps[chunk.shard].as_ref().expect("expert shard mapped");
                 let range = chunk.offset as usize..chunk.offset as usize + stored_len;
+                // Touching a mapped page past the end of a file that shrank after it was opened
+                // kills the process (SIGBUS): look at its length first. (A truncation racing this
+                // check can still fault; the default `Direct` path has no such window.)
+                let len = file.metadata().at(shard_path())?.len();
+                if len < chunk.offset + chunk.bytes {
+                    return Err(ends_early(model, chunk, len.saturating_sub(chunk.offset)));
+                }
                 let _ = m.advise_range(memmap2::Advice::WillNeed, range.start, stored_len);
-                let r = decode(model, chunk, &m[range.clone()], zbuf).and_then(use_raw);
+                let stored = &m[range.clone()];
+                let r = model.check_expert(chunk, stored).and_then(|()| decode(model, chunk, stored, zbuf)).and_then(use_raw);
                 // SAFETY: the range lies within the read-only mapping, and no slice of it outlives
                 // this call (the matrices were copied out above).
                 let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, stored_len) };
@@ -225,7 +234,11 @@ impl ChunkReader {
                 // Readahead is off for these files (see `open`); this asks for exactly the chunk
                 // in large requests, which measured faster than the plain read alone.
                 fadvise(file, chunk.offset, chunk.bytes, libc::POSIX_FADV_WILLNEED);
-                file.read_exact_at(b, chunk.offset).at(shard_path())?;
+                read_all_at(file, b, chunk.offset).map_err(|e| match e {
+                    ReadError::Eof(got) => ends_early(model, chunk, got),
+                    ReadError::Io(e) => Error::io(shard_path(), e),
+                })?;
+                model.check_expert(chunk, b)?;
                 decode(model, chunk, b, zbuf).and_then(use_raw)
             }
             ReadPath::Direct => {
@@ -237,16 +250,11 @@ impl ChunkReader {
                     // Lengths stay multiples of the alignment; the read may stop short at EOF.
                     let n = f.read_at(&mut b[got..padded], chunk.offset + got as u64).at(shard_path())?;
                     if n == 0 {
-                        return Err(Error::bad_file(
-                            shard_path(),
-                            format!(
-                                "expert chunk (layer {}, expert {}) ends at byte {} of {stored_len}",
-                                chunk.layer, chunk.expert, got
-                            ),
-                        ));
+                        return Err(ends_early(model, chunk, got as u64));
                     }
                     got += n;
                 }
+                model.check_expert(chunk, &b[..stored_len])?;
                 decode(model, chunk, &b[..stored_len], zbuf).and_then(use_raw)
             }
         };
@@ -257,6 +265,39 @@ impl ChunkReader {
         }
         out
     }
+}
+
+enum ReadError {
+    /// The file ended after this many bytes.
+    Eof(u64),
+    Io(std::io::Error),
+}
+
+/// `read_exact_at` that tells how far it got when the file ends early.
+fn read_all_at(file: &File, buf: &mut [u8], offset: u64) -> std::result::Result<(), ReadError> {
+    let mut got = 0usize;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => return Err(ReadError::Eof(got as u64)),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ReadError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// The error for a chunk whose shard ends `got` bytes into it: the manifest's lengths were
+/// checked when the model was opened, so the file was truncated (or replaced) since.
+fn ends_early(model: &ConvertedModel, c: &ExpertChunk, got: u64) -> Error {
+    Error::bad_file(
+        model.shard_path(c.shard),
+        format!(
+            "expert chunk (layer {}, expert {}), bytes {}..{}: the file ends {got} bytes into it \
+             (truncated or replaced while the model was open)",
+            c.layer, c.expert, c.offset, c.offset + c.bytes
+        ),
+    )
 }
 
 /// The raw chunk from its stored bytes: as is, or decompressed into `zbuf`.

@@ -80,7 +80,17 @@ impl Jobs for Shared {
 
     fn read(&self, slot: usize, buf: &mut AlignedBuf, zbuf: &mut Vec<u8>) -> (Result<Resident>, u64) {
         let chunk = self.model.expert_chunk(slot / self.n_experts, slot % self.n_experts);
-        let read = self.reader.with_raw(&self.model, chunk, buf, zbuf, |raw| Resident::from_chunk(chunk, raw, &self.live));
+        // A read that fails (I/O error, short file, checksum mismatch) is delivered as a failure
+        // and never cached; a panic is turned into one too, so that no fetch waits forever.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.reader.with_raw(&self.model, chunk, buf, zbuf, |raw| Resident::from_chunk(chunk, raw, &self.live))
+        }))
+        .unwrap_or_else(|_| {
+            Err(Error::bad_file(
+                self.model.shard_path(chunk.shard),
+                format!("reading expert chunk (layer {}, expert {}) panicked", chunk.layer, chunk.expert),
+            ))
+        });
         (read, chunk.bytes)
     }
 

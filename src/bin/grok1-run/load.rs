@@ -42,6 +42,8 @@ pub fn load(args: &ModelArgs, context: Option<usize>) -> Result<Loaded> {
     let files = Arc::new(
         ConvertedModel::open(&args.model).with_context(|| format!("opening model {}", args.model.display()))?,
     );
+    files.set_verify_all(args.verify_load);
+    let t0 = std::time::Instant::now();
     let (dense, experts) = files.stored_bytes();
     let streamed = args.ram_budget.is_some() || args.no_expert_cache;
     let pb = ProgressBar::new(dense + if streamed { 0 } else { experts });
@@ -68,6 +70,11 @@ pub fn load(args: &ModelArgs, context: Option<usize>) -> Result<Loaded> {
         pb.finish_and_clear();
         Model::new(files.config().clone(), weights)?
     };
+    if args.verify_load {
+        // Start-up only: the experts read later are checked by their xxh3 as they are read.
+        files.set_verify_all(false);
+        eprintln!("verified what was loaded against the manifest's checksums ({:.2} s)", t0.elapsed().as_secs_f64());
+    }
     let choice = match (args.emulate_gpu, args.gpu_budget) {
         (Some(budget), _) => DeviceChoice::Emulated { budget },
         (None, budget) => DeviceChoice::Gpu { budget },

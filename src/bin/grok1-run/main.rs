@@ -44,6 +44,12 @@ pub struct ModelArgs {
     /// Do not prefetch the next layer's likely experts.
     #[arg(long)]
     pub no_prefetch: bool,
+    /// Check every byte loaded at start-up against the manifest's checksums (xxh3, or sha256 in
+    /// models converted before xxh3 was recorded): the dense tensors, and the experts loaded into
+    /// RAM. Without it, expert chunks are checked on every read (xxh3, where recorded) and dense
+    /// tensors only for their size.
+    #[arg(long)]
+    pub verify_load: bool,
     /// Device memory the GPU may take for the dense weights, KV cache and the hottest experts
     /// (e.g. 20G; 0 keeps the GPU out). Default: the device's free memory less a margin.
     #[arg(long, value_parser = parse_size_arg)]
