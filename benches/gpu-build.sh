@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds what benches/gpu-check.sh runs on a GPU machine that has CUDA but no Rust toolchain:
 # grok1-convert and grok1-run with the `cuda` feature, and the GPU test executables, stripped of
-# debug info and copied into device/bin/ (git-ignored). Run it here, then carry device/bin to the
-# GPU machine with the working tree and run `bash benches/gpu-check.sh` there.
-#   bash benches/gpu-build.sh          (DEVICE_BIN=... to put them elsewhere)
+# debug info and copied into DIR (default device/bin/, git-ignored). Run it here, then carry DIR
+# to the GPU machine with the working tree and run `bash benches/gpu-check.sh DIR` there.
+#   bash benches/gpu-build.sh [DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${DEVICE_BIN:-device/bin}
+out=${1:-${DEVICE_BIN:-device/bin}}
 
 cargo build --release --features cuda --bins
 # The test executables' names carry a hash; cargo's JSON messages say which files they are.

@@ -2,7 +2,9 @@
 //! weight bytes (decimal) against `measure_read_bandwidth`, printed first; prefill products are
 //! compute-bound and reported in tokens/s.
 //!
-//! Types: q8_0, iq4_nl, q4_k, q4_s (and bf16 where noted), each at 1 and 2 threads.
+//! Types: q8_0, iq4_nl, q4_k, q4_s, q3_s, q2_s (and bf16 where noted), each at 1 and 2 threads.
+//! `stream` prints each type's bits per weight on disk, to turn its GB/s into weights per second
+//! (the measure that compares types of different widths).
 //!
 //! * `stream`: one 8192 x 16384 matrix (larger than the last-level cache; a 4-bit one may still
 //!   partly fit a very large one), with bf16.
@@ -37,7 +39,7 @@ fn random_matrix(qtype: QuantType, rows: usize, cols: usize, seed: u64) -> Matri
     }
     let scale = half::f16::from_f32(0.01).to_le_bytes();
     match qtype {
-        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl | QuantType::Q4S => {
+        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl | QuantType::Q4S | QuantType::Q3S | QuantType::Q2S => {
             for block in bytes.chunks_mut(qtype.block_bytes()) {
                 block[..2].copy_from_slice(&scale);
             }
@@ -75,8 +77,9 @@ fn roofline(_c: &mut Criterion) {
 
 fn stream(c: &mut Criterion) {
     let (rows, cols) = (8192, 16384);
-    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4K, QuantType::Q4S, QuantType::Bf16] {
+    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4K, QuantType::Q4S, QuantType::Q3S, QuantType::Q2S, QuantType::Bf16] {
         let m = random_matrix(qtype, rows, cols, 1);
+        eprintln!("{qtype}: {} bits per weight on disk", qtype.bits_per_weight());
         let x = input(cols);
         let mut y = vec![0f32; rows];
         let mut g = c.benchmark_group(format!("stream/{qtype}"));
@@ -100,7 +103,7 @@ struct Layer {
 
 fn decode(c: &mut Criterion) {
     let (d, ffn, kv) = (2048, 8192, 512);
-    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4K, QuantType::Q4S] {
+    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4K, QuantType::Q4S, QuantType::Q3S, QuantType::Q2S] {
         let mut seed = 100;
         let mut next = |rows, cols| {
             seed += 1;
@@ -156,7 +159,7 @@ fn decode(c: &mut Criterion) {
 
 fn matmul(c: &mut Criterion) {
     let (rows, cols, n) = (8192, 2048, 128);
-    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4K, QuantType::Q4S, QuantType::Bf16] {
+    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4K, QuantType::Q4S, QuantType::Q3S, QuantType::Q2S, QuantType::Bf16] {
         let m = random_matrix(qtype, rows, cols, 7);
         let xs = input(n * cols);
         let mut ys = vec![0f32; n * rows];
@@ -173,7 +176,7 @@ fn matmul(c: &mut Criterion) {
 
 fn small(c: &mut Criterion) {
     let (rows, cols) = (512, 2048);
-    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4S, QuantType::Bf16] {
+    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4S, QuantType::Q3S, QuantType::Q2S, QuantType::Bf16] {
         let m = random_matrix(qtype, rows, cols, 9);
         let x = input(cols);
         let mut y = vec![0f32; rows];

@@ -247,6 +247,9 @@ fn weights(n: usize, seed: u64) -> Vec<f32> {
 #[test]
 fn device_layout_reads_back_every_block_type() {
     for q in QuantType::ALL {
+        if grok1::gpu::layout::unsupported(q).is_some() {
+            continue; // no device kernel: such matrices stay on the CPU
+        }
         let shapes: &[(usize, usize)] = match q {
             QuantType::Q4K | QuantType::Q4S => &[(1, 256), (3, 768)],
             QuantType::F32 | QuantType::Bf16 => &[(1, 1), (3, 7), (5, 33)],

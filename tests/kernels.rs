@@ -11,7 +11,7 @@
 //! * The float paths against f64: `gamma(cols) * sum |w x|`.
 
 use grok1::kernels::{self, Isa, Matrix};
-use grok1::quant::{q4_k, q4_s, QuantType};
+use grok1::quant::{q2_s, q3_s, q4_k, q4_s, QuantType};
 use proptest::prelude::*;
 
 const U: f64 = 1.0 / (1u64 << 24) as f64;
@@ -106,12 +106,15 @@ fn case(qtype: QuantType, rows: usize, cols: usize, rng: &mut Rng) -> Case {
 }
 
 fn is_int(q: QuantType) -> bool {
-    matches!(q, QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl | QuantType::Q4K | QuantType::Q4S)
+    matches!(
+        q,
+        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl | QuantType::Q4K | QuantType::Q4S | QuantType::Q3S | QuantType::Q2S
+    )
 }
 
 /// The types with 256-weight super-blocks.
 fn is_super(q: QuantType) -> bool {
-    matches!(q, QuantType::Q4K | QuantType::Q4S)
+    matches!(q, QuantType::Q4K | QuantType::Q4S | QuantType::Q3S | QuantType::Q2S)
 }
 
 /// The activation quantizer's step `amax / 127` for each block of `x`.
@@ -259,11 +262,11 @@ proptest! {
     }
 
     /// More cases for the super-block types, whose kernels have the most steps (sub-scales per
-    /// half block for q4_s, offsets for q4_k): odd row counts across tile boundaries, one to
+    /// half block for q4_s, per quarter for q2_s, grid bits for q3_s, offsets for q4_k): odd row counts across tile boundaries, one to
     /// four super-blocks, one to nine tokens.
     #[test]
     fn super_block_paths_match_scalar_and_exact(
-        qtype in prop::sample::select(vec![QuantType::Q4K, QuantType::Q4S]),
+        qtype in prop::sample::select(vec![QuantType::Q4K, QuantType::Q4S, QuantType::Q3S, QuantType::Q2S]),
         rows in 1usize..=53,
         sbs in 1usize..=4,
         n in 1usize..=9,
@@ -277,6 +280,26 @@ proptest! {
     /// q4_s blocks of any bytes (random d, sub-scales across the whole -64..=63, nibbles), with
     /// activations from random down to all at one magnitude, which makes every int8 activation
     /// +-127: the largest integer sums a kernel can meet (|s * sum| up to 64 * 127 * 127 * 16).
+    /// q3_s and q2_s blocks of any bytes (d across three decades), activations random or flat.
+    #[test]
+    fn lowbit_any_bytes_match_scalar_and_exact(
+        qtype in prop::sample::select(vec![QuantType::Q3S, QuantType::Q2S]),
+        rows in 1usize..=40,
+        sbs in 1usize..=3,
+        n in 1usize..=5,
+        flat in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng(seed);
+        let c = lowbit_raw_case(qtype, rows, 256 * sbs, &mut rng, None, |rng| (1e-4 * 10f64.powf(3.0 * rng.uniform())) as f32);
+        let xs: Vec<f32> = if flat {
+            (0..n * c.cols).map(|_| if rng.next().is_multiple_of(2) { 1.5 } else { -1.5 }).collect()
+        } else {
+            rng.vec(n * c.cols)
+        };
+        check_case_with(&c, n, &xs)?;
+    }
+
     #[test]
     fn q4_s_any_bytes_match_scalar_and_exact(
         rows in 1usize..=40,
@@ -298,6 +321,75 @@ proptest! {
         };
         check_case_with(&c, n, &xs)?;
     }
+}
+
+/// A q3_s or q2_s case from random bytes: every index, grid bit and sub-scale anywhere in its
+/// range (-16..=15 for q3_s, -8..=7 for q2_s), `d` from `d_of` (the block's f16 `d`, in units of
+/// 2^-11 or 2^-10). `extreme` replaces the random bytes by one of four fixed patterns: every
+/// sub-scale at its most negative or most positive value, every index at the grid's long end
+/// (index 0) or alternating between the two ends.
+fn lowbit_raw_case(qtype: QuantType, rows: usize, cols: usize, rng: &mut Rng, extreme: Option<u8>, d_of: impl Fn(&mut Rng) -> f32) -> Case {
+    let rb = qtype.row_bytes(cols).unwrap();
+    let bb = qtype.block_bytes();
+    let mut bytes: Vec<u8> = (0..rows * rb).map(|_| rng.next() as u8).collect();
+    for blk in bytes.chunks_exact_mut(bb) {
+        blk[0..2].copy_from_slice(&half::f16::from_f32(d_of(rng)).to_le_bytes());
+        if let Some(e) = extreme {
+            let (negative, ends) = (e & 1 == 0, e & 2 != 0);
+            // Scales: u = s - S_MIN, all bits 0 (most negative) or all 1 (most positive); then
+            // indices: 0 (grid's -127) or alternating 0 and the top level.
+            let fill = if negative { 0x00 } else { 0xff };
+            let (scales, idx) = if qtype == QuantType::Q3S { (2..7, 9..bb) } else { (2..18, 18..bb) };
+            blk[scales].fill(fill);
+            if qtype == QuantType::Q3S {
+                blk[7..9].fill(0); // grid 0: -127 and 100
+            }
+            for (k, b) in blk[idx].iter_mut().enumerate() {
+                *b = if ends && k % 2 == 1 { 0xff } else { 0x00 };
+            }
+        }
+    }
+    let mut w = vec![0f32; rows * cols];
+    for (r, out) in w.chunks_exact_mut(cols).enumerate() {
+        qtype.dequantize_row(&bytes[r * rb..(r + 1) * rb], out);
+    }
+    let m = Matrix::from_bytes(qtype, rows, cols, &bytes).unwrap();
+    Case { qtype, rows, cols, bytes, scaled: w.clone(), offset: vec![0.0; w.len()], w, m }
+}
+
+/// The extremes of q3_s's and q2_s's integer sums on every path (see `lowbit_raw_case`), with
+/// activations all 1 (every int8 127) or alternating +-1: |s * sum| reaches 16 * 127 * 127 * 32.
+#[test]
+fn lowbit_extreme_blocks_match_scalar() {
+    let mut rng = Rng(23);
+    for qtype in [QuantType::Q3S, QuantType::Q2S] {
+        for e in 0..4u8 {
+            let c = lowbit_raw_case(qtype, 21, 512, &mut rng, Some(e), |_| 0.5);
+            for xs in [vec![1f32; 2 * 512], (0..2 * 512).map(|k| if k % 2 == 0 { 1.0 } else { -1.0 }).collect()] {
+                check_case_with(&c, 2, &xs).unwrap();
+            }
+        }
+    }
+}
+
+/// `Matrix::row_f32` (the tile decoder) is the reference decoder bit for bit on random bytes,
+/// and the tile layout keeps every field: each weight's grid bit, index and sub-scale.
+#[test]
+fn lowbit_unpack_row_is_dequantize_row_on_any_bytes() {
+    let mut rng = Rng(29);
+    for qtype in [QuantType::Q3S, QuantType::Q2S] {
+        for rows in [1, 16, 19, 37] {
+            let c = lowbit_raw_case(qtype, rows, 768, &mut rng, None, |rng| (1e-3 * (1.0 + rng.uniform())) as f32);
+            let mut out = vec![0f32; c.cols];
+            for r in 0..rows {
+                c.m.row_f32(r, &mut out);
+                let want = &c.w[r * c.cols..(r + 1) * c.cols];
+                assert!(out.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "{qtype} row {r}");
+            }
+        }
+    }
+    // The constants the tile layouts read on-disk blocks with.
+    assert_eq!((q3_s::BLOCK_BYTES, q2_s::BLOCK_BYTES), (105, 82));
 }
 
 /// A q4_s case from raw blocks: `gen` gives each super-block's d (the first call's value is
@@ -367,6 +459,7 @@ fn matvec_pair_equals_two_matvecs() {
         (QuantType::Iq4Nl, QuantType::Bf16),
         (QuantType::Q4S, QuantType::Q4K),
         (QuantType::Q4S, QuantType::Q4S),
+        (QuantType::Q3S, QuantType::Q2S),
     ] {
         let a = case(qa, 200, 512, &mut rng);
         let b = case(qb, 77, 512, &mut rng);
@@ -396,8 +489,15 @@ fn reload_replaces_weights() {
         assert_eq!(y, want, "{qtype}");
         assert!(m.reload(&b.bytes[1..]).is_err());
         // 37 rows pad to 48; q4_k's and q4_s's tile super-blocks (2368 bytes for 16 rows of 256
-        // weights, 144 bytes each on disk) take 1/36 more than on disk.
-        let want = b.bytes.len() / 37 * 48 * if is_super(qtype) { 37 } else { 36 } / 36;
+        // weights, 144 bytes each on disk) take 1/36 more than on disk, q3_s's (1728 bytes, 105
+        // on disk) 1/35 more, q2_s's (1344 bytes, 82 on disk) 1/41 more.
+        let (num, den) = match qtype {
+            QuantType::Q3S => (36, 35),
+            QuantType::Q2S => (42, 41),
+            q if is_super(q) => (37, 36),
+            _ => (1, 1),
+        };
+        let want = b.bytes.len() / 37 * 48 * num / den;
         assert_eq!(m.resident_bytes(), want, "{qtype}");
     }
 }
@@ -419,11 +519,20 @@ fn shape_errors_are_reported() {
 /// predicting about 0.5%); under 1.5% for q4_k, whose `d*sc*(q - 8)` is larger than the weight
 /// wherever a sub-block's zero is far from q = 8 (measured about 1.0%). q4_s applies its
 /// sub-scales to exact integer sums, so rounding x multiplies `d * s * GRID[n]`, the weight
-/// itself, as for iq4_nl: the same 1%.
+/// itself, as for iq4_nl: the same 1%. So do q3_s and q2_s, whose sub-scales meet exact integer
+/// sums too.
 #[test]
 fn int_paths_error_matches_rounding_model() {
     let mut rng = Rng(5);
-    for qtype in [QuantType::Q8_0, QuantType::Iq4Nl, QuantType::Q4_0, QuantType::Q4K, QuantType::Q4S] {
+    for qtype in [
+        QuantType::Q8_0,
+        QuantType::Iq4Nl,
+        QuantType::Q4_0,
+        QuantType::Q4K,
+        QuantType::Q4S,
+        QuantType::Q3S,
+        QuantType::Q2S,
+    ] {
         let c = case(qtype, 256, 2048, &mut rng);
         for outliers in [false, true] {
             let x = if outliers { rng.vec(2048) } else { rng.plain_vec(2048) };

@@ -131,6 +131,51 @@ fn copies_per_token_and_layer_are_the_designed_ones() {
     }
 }
 
+/// The device's experts are queued, the host computes its own meanwhile, then waits and adds:
+/// with the device's thread held until the host's experts start, every layer with experts on
+/// both sides counts as overlapped and none as serial, and the logits stay the CPU's.
+#[test]
+fn the_host_computes_its_experts_while_the_device_runs_its_own() {
+    for f in all_fixtures() {
+        let cpu = f.model(QuantType::Bf16, QuantType::Bf16);
+        let c = cpu.config().clone();
+        let toks = f.tokens();
+        let placed = PlacedModel::on_device(
+            f.model(QuantType::Bf16, QuantType::Bf16),
+            device(&f, half_plan(&cpu, toks.all.len())),
+        );
+        let dev = placed.emulated_device().unwrap();
+        dev.hold_queue(true);
+        let split = toks.prompt.len();
+        let ours = run(
+            &|t, k| placed.prefill(t, k, true).unwrap(),
+            &|t, k| placed.decode(t, k).unwrap(),
+            &c,
+            &toks.all,
+            split,
+        );
+        let theirs =
+            run(&|t, k| cpu.prefill(t, k, true).unwrap(), &|t, k| cpu.decode(t, k).unwrap(), &c, &toks.all, split);
+        assert!(bits(&ours) == bits(&theirs), "{}: the overlapped schedule changed the logits", f.name);
+        let o = dev.overlap();
+        eprintln!("{}: {o:?}", f.name);
+        assert_eq!(o.after, 0, "{}: the host waited for the device before computing its experts: {o:?}", f.name);
+        // The prompt's prefill routes to device and host experts in every layer.
+        assert!(o.during >= c.n_layers as u64, "{}: {o:?}", f.name);
+
+        // Released, the same schedule still gives the same logits.
+        dev.hold_queue(false);
+        let again = run(
+            &|t, k| placed.prefill(t, k, true).unwrap(),
+            &|t, k| placed.decode(t, k).unwrap(),
+            &c,
+            &toks.all,
+            split,
+        );
+        assert!(bits(&again) == bits(&theirs), "{}", f.name);
+    }
+}
+
 #[test]
 fn a_budget_too_small_for_the_dense_part_keeps_the_run_on_the_cpu_with_the_reason() {
     let f = micro_hf();

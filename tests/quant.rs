@@ -547,6 +547,11 @@ fn int4_for_picks_q4_s_only_for_whole_super_blocks() {
     assert_eq!("q4".parse::<QuantType>(), Ok(QuantType::Q4S));
     assert_eq!("Q4".parse::<QuantType>(), Ok(QuantType::Q4S));
     assert_eq!("q8".parse::<QuantType>(), Ok(QuantType::Q8_0));
+    assert_eq!("q3".parse::<QuantType>(), Ok(QuantType::Q3S));
+    assert_eq!("q2".parse::<QuantType>(), Ok(QuantType::Q2S));
+    // The low-bit super-block types fall back to iq4_nl like q4_s.
+    assert_eq!(QuantType::Q3S.for_row(6144), QuantType::Q3S);
+    assert_eq!(QuantType::Q2S.for_row(256 + 32), QuantType::Iq4Nl);
     assert_eq!(QuantType::Q4S.block_len(), 256);
     assert_eq!(QuantType::Q4S.block_bytes(), 144);
     for t in QuantType::ALL {
@@ -555,7 +560,10 @@ fn int4_for_picks_q4_s_only_for_whole_super_blocks() {
         assert_eq!(serde_json::to_string(&t).unwrap(), format!("\"{}\"", t.name()));
         assert_eq!(
             t.bits_per_weight() <= 4.5,
-            matches!(t, QuantType::Q4_0 | QuantType::Iq4Nl | QuantType::Q4K | QuantType::Q4S)
+            matches!(
+                t,
+                QuantType::Q4_0 | QuantType::Iq4Nl | QuantType::Q4K | QuantType::Q4S | QuantType::Q3S | QuantType::Q2S
+            )
         );
     }
 }

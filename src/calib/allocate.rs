@@ -15,9 +15,8 @@
 use crate::error::{Error, Result};
 use crate::quant::QuantType;
 
-/// The types `--target-size` chooses from when none are named, most precise first. The low-bit
-/// expert types join this list when they exist.
-pub const DEFAULT_CANDIDATES: &[QuantType] = &[QuantType::Q8_0, QuantType::Q4S];
+/// The types `--target-size` chooses from when none are named, most precise first.
+pub const DEFAULT_CANDIDATES: &[QuantType] = &[QuantType::Q8_0, QuantType::Q4S, QuantType::Q3S, QuantType::Q2S];
 
 /// One expert's part of the problem.
 #[derive(Debug, Clone)]

@@ -73,8 +73,8 @@ pub struct Calibration {
 /// quantizer is one arm here.
 pub fn quantize_row(q: QuantType, row: &[f32], importance: Option<&[f32]>, out: &mut [u8]) {
     match (q, importance) {
-        // No quantizer of today's types takes one. A type that does gets an arm like
-        // `(QuantType::Q3S, imp) => q3_s::quantize_row(row, imp, out),`.
+        (QuantType::Q3S, imp) => crate::quant::q3_s::quantize_row(row, imp, out),
+        (QuantType::Q2S, imp) => crate::quant::q2_s::quantize_row(row, imp, out),
         _ => q.quantize_row(row, out),
     }
 }

@@ -26,6 +26,15 @@ pub struct DeviceLayout {
     pub d: Vec<u16>,
 }
 
+/// Why `qtype` cannot go on the device, if it cannot: the low-bit expert types have no device
+/// kernel yet, so matrices of them stay on the CPU (`plan::plan` keeps such experts there).
+pub fn unsupported(qtype: QuantType) -> Option<String> {
+    match qtype {
+        QuantType::Q3S | QuantType::Q2S => Some(format!("{qtype} has no GPU kernel; its matrices run on the CPU")),
+        _ => None,
+    }
+}
+
 /// Whether `qtype`'s blocks are split into quants and a scale array.
 pub fn has_scale_array(qtype: QuantType) -> bool {
     matches!(qtype, QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl)
@@ -33,6 +42,9 @@ pub fn has_scale_array(qtype: QuantType) -> bool {
 
 /// Repack `rows` rows of `cols` weights in the on-disk layout.
 pub fn repack(qtype: QuantType, rows: usize, cols: usize, bytes: &[u8]) -> Result<DeviceLayout> {
+    if let Some(why) = unsupported(qtype) {
+        return Err(Error::Invalid(format!("matrix [{rows}, {cols}]: {why}")));
+    }
     let rb = qtype
         .row_bytes(cols)
         .ok_or_else(|| Error::Invalid(format!("{cols} columns is not a whole number of {qtype} blocks")))?;
@@ -73,7 +85,7 @@ impl DeviceLayout {
         let nb = cols / QK;
         let scale = |b: usize| half::f16::from_bits(self.d[r * nb + b]).to_f32();
         match self.qtype {
-            QuantType::F32 | QuantType::Bf16 | QuantType::Q4K | QuantType::Q4S => {
+            QuantType::F32 | QuantType::Bf16 | QuantType::Q4K | QuantType::Q4S | QuantType::Q3S | QuantType::Q2S => {
                 let rb = self.qtype.row_bytes(cols).expect("validated at repack");
                 self.qtype.dequantize_row(&self.w[r * rb..(r + 1) * rb], out);
             }

@@ -76,9 +76,10 @@
 //! per-layer loop above is `model/grok.rs` over the backend seam (`src/model/backend.rs`), and
 //! the placement module (`src/placement/`) picks the backend: the CPU, a device emulated by the
 //! CPU (its own buffers and counted copies, `--emulate-gpu`), or the CUDA device built from the
-//! pieces here. Not yet: the overlap (the CUDA device and the CPU run a layer's experts one
-//! after the other), the warm-up or trace ranking (the plan uses `plan::default_ranking`), and
-//! device time per token for the CUDA device (its `GpuStats::gpu_seconds` stays 0).
+//! pieces here. A layer's device experts are queued on the stream and the host computes its
+//! own meanwhile (the emulated device models this with a thread of its own and counts it);
+//! the CUDA device's time per token comes from timing events around its stretches of work.
+//! Not yet: the warm-up or trace ranking (the plan uses `plan::default_ranking`).
 //!
 //! # Checking without a GPU
 //!

@@ -10,6 +10,7 @@
 use crate::config::GrokConfig;
 use crate::error::{Error, Result};
 use crate::format::manifest::Manifest;
+use super::layout::unsupported;
 use crate::quant::QuantType;
 use serde::Serialize;
 
@@ -52,6 +53,11 @@ pub struct ModelBytes {
     pub experts: Vec<u64>,
     /// KV cache bytes per token of context (f32 keys and values of every layer).
     pub kv_bytes_per_token: u64,
+    /// Why expert (layer, expert), at `layer * n_experts + expert`, cannot go on the device (a
+    /// tensor type without a device kernel), if it cannot.
+    pub cpu_only: Vec<Option<String>>,
+    /// Why the dense tensors cannot all go on the device, if they cannot.
+    pub dense_cpu_only: Option<String>,
 }
 
 impl ModelBytes {
@@ -63,16 +69,21 @@ impl ModelBytes {
             .map(|d| (d.name.clone(), tensor_device_bytes(d.qtype, &d.shape, d.bytes)))
             .collect();
         let mut experts = vec![0u64; c.n_layers * c.n_experts];
+        let mut cpu_only = vec![None; c.n_layers * c.n_experts];
         for ch in &m.experts {
-            experts[ch.layer * c.n_experts + ch.expert] =
-                ch.tensors.iter().map(|t| tensor_device_bytes(t.qtype, &t.shape, t.bytes)).sum();
+            let slot = ch.layer * c.n_experts + ch.expert;
+            experts[slot] = ch.tensors.iter().map(|t| tensor_device_bytes(t.qtype, &t.shape, t.bytes)).sum();
+            cpu_only[slot] = ch.tensors.iter().find_map(|t| unsupported(t.qtype));
         }
+        let dense_cpu_only = m.dense.iter().find_map(|d| unsupported(d.qtype).map(|why| format!("{}: {why}", d.name)));
         ModelBytes {
             n_layers: c.n_layers,
             n_experts: c.n_experts,
             dense,
             experts,
             kv_bytes_per_token: kv_bytes_per_token(c),
+            cpu_only,
+            dense_cpu_only,
         }
     }
 
@@ -119,6 +130,10 @@ pub struct GpuPlan {
     /// Why the GPU is not used (the budget does not hold the KV cache, scratch and dense
     /// weights); `None` when it is.
     pub refused: Option<String>,
+    /// Experts that stay on the CPU whatever the budget (their types have no device kernel),
+    /// and why.
+    pub cpu_only: Vec<(usize, usize)>,
+    pub cpu_only_reason: Option<String>,
     #[serde(skip)]
     held: Vec<bool>,
     #[serde(skip)]
@@ -181,9 +196,21 @@ pub fn plan(
         experts: Vec::new(),
         expert_bytes: 0,
         refused: None,
+        cpu_only: Vec::new(),
+        cpu_only_reason: None,
         held: vec![false; slots],
         n_experts: model.n_experts,
     };
+    for (slot, why) in model.cpu_only.iter().enumerate() {
+        if let Some(why) = why {
+            p.cpu_only.push((slot / model.n_experts, slot % model.n_experts));
+            p.cpu_only_reason.get_or_insert_with(|| why.clone());
+        }
+    }
+    if let Some(why) = &model.dense_cpu_only {
+        p.refused = Some(format!("the dense weights cannot go on the GPU ({why})"));
+        return Ok(p);
+    }
     let base = p.kv_bytes + p.scratch_bytes + p.dense_bytes;
     if base > budget {
         p.refused = Some(format!(
@@ -200,7 +227,7 @@ pub fn plan(
     for &(l, e) in ranking {
         let slot = l * model.n_experts + e;
         let b = model.experts[slot];
-        if p.held[slot] || b > left {
+        if p.held[slot] || b > left || model.cpu_only.get(slot).is_some_and(|w| w.is_some()) {
             continue;
         }
         p.held[slot] = true;

@@ -23,7 +23,8 @@ pub fn program() -> String {
     s
 }
 
-/// Name of the decode kernel for a block type.
+/// Name of the decode kernel for a block type. Types without one (`layout::unsupported`) never
+/// reach a launch: `layout::repack` refuses them.
 pub fn matvec_kernel(q: QuantType) -> &'static str {
     match q {
         QuantType::F32 => "matvec_f32",
@@ -33,10 +34,11 @@ pub fn matvec_kernel(q: QuantType) -> &'static str {
         QuantType::Iq4Nl => "matvec_iq4_nl",
         QuantType::Q4K => "matvec_q4_k",
         QuantType::Q4S => "matvec_q4_s",
+        QuantType::Q3S | QuantType::Q2S => unreachable!("{q} has no device kernel (repack refuses it)"),
     }
 }
 
-/// Name of the batched (prefill) kernel for a block type.
+/// Name of the batched (prefill) kernel for a block type, as `matvec_kernel`.
 pub fn matmul_kernel(q: QuantType) -> &'static str {
     match q {
         QuantType::F32 => "matmul_f32",
@@ -46,6 +48,7 @@ pub fn matmul_kernel(q: QuantType) -> &'static str {
         QuantType::Iq4Nl => "matmul_iq4_nl",
         QuantType::Q4K => "matmul_q4_k",
         QuantType::Q4S => "matmul_q4_s",
+        QuantType::Q3S | QuantType::Q2S => unreachable!("{q} has no device kernel (repack refuses it)"),
     }
 }
 
@@ -64,8 +67,9 @@ pub const OP_KERNELS: [&str; 9] = [
 
 /// All kernel names: the matrix kernels of every block type, then the ops.
 pub fn kernel_names() -> Vec<&'static str> {
-    let mut v: Vec<&'static str> = QuantType::ALL.iter().map(|&q| matvec_kernel(q)).collect();
-    v.extend(QuantType::ALL.iter().map(|&q| matmul_kernel(q)));
+    let on_device = || QuantType::ALL.into_iter().filter(|&q| super::layout::unsupported(q).is_none());
+    let mut v: Vec<&'static str> = on_device().map(matvec_kernel).collect();
+    v.extend(on_device().map(matmul_kernel));
     v.extend(OP_KERNELS);
     v
 }

@@ -21,11 +21,13 @@ pub(crate) struct QActs {
     /// `c` split into the block's two halves of 16 (`[lo, hi]` per block), for q4_s, whose
     /// halves have scales of their own.
     h: Vec<i32>,
+    /// `c` split into quarters of 8 (four per block), for q2_s's 8-weight sub-blocks.
+    e: Vec<i32>,
 }
 
 impl QActs {
     pub(crate) fn new() -> QActs {
-        QActs { n: 0, nbp: 0, xq: AlignedBuf::zeroed(0), d: Vec::new(), c: Vec::new(), s: Vec::new(), h: Vec::new() }
+        QActs { n: 0, nbp: 0, xq: AlignedBuf::zeroed(0), d: Vec::new(), c: Vec::new(), s: Vec::new(), h: Vec::new(), e: Vec::new() }
     }
 
     /// Quantize `xs` (`[n, cols]`) into `nbp` (>= cols / 32) blocks per vector.
@@ -46,6 +48,8 @@ impl QActs {
         self.s.resize(n * nbp, 0.0);
         self.h.clear();
         self.h.resize(2 * n * nbp, 0);
+        self.e.clear();
+        self.e.resize(4 * n * nbp, 0);
         let nb = cols / QK;
         let xq = &mut self.xq.as_mut_slice()[..need];
         for t in 0..n {
@@ -59,6 +63,7 @@ impl QActs {
                 &mut self.c[blocks.clone()],
                 &mut self.s[blocks.clone()],
                 &mut self.h[2 * blocks.start..2 * blocks.end],
+                &mut self.e[4 * blocks.start..4 * blocks.end],
             );
             q[nb * QK..].fill(0);
         }
@@ -102,6 +107,13 @@ impl QActs {
         self.h[2 * t * self.nbp..].as_ptr()
     }
 
+    /// Quarter-block bias corrections of vector `t`: four per block.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[inline(always)]
+    pub(crate) fn e_ptr(&self, t: usize) -> *const i32 {
+        self.e[4 * t * self.nbp..].as_ptr()
+    }
+
     #[inline(always)]
     pub(crate) fn sum(&self, t: usize, b: usize) -> f32 {
         self.s[t * self.nbp + b]
@@ -113,15 +125,15 @@ impl QActs {
     }
 }
 
-type Row<'a> = (&'a [f32], &'a mut [u8], &'a mut [f32], &'a mut [i32], &'a mut [f32], &'a mut [i32]);
+type Row<'a> = (&'a [f32], &'a mut [u8], &'a mut [f32], &'a mut [i32], &'a mut [f32], &'a mut [i32], &'a mut [i32]);
 
-fn quantize_row(x: &[f32], q: &mut [u8], d: &mut [f32], c: &mut [i32], s: &mut [f32], h: &mut [i32]) {
+fn quantize_row(x: &[f32], q: &mut [u8], d: &mut [f32], c: &mut [i32], s: &mut [f32], h: &mut [i32], e: &mut [i32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // The same source compiled for wider vectors: identical results, several times faster.
-        return unsafe { quantize_row_avx2((x, q, d, c, s, h)) };
+        return unsafe { quantize_row_avx2((x, q, d, c, s, h, e)) };
     }
-    quantize_row_generic((x, q, d, c, s, h))
+    quantize_row_generic((x, q, d, c, s, h, e))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -131,39 +143,43 @@ unsafe fn quantize_row_avx2(row: Row) {
 }
 
 #[inline(always)]
-fn quantize_row_generic((x, q, d, c, s, h): Row) {
+fn quantize_row_generic((x, q, d, c, s, h, e): Row) {
     let blocks = x.chunks_exact(QK).zip(q.chunks_exact_mut(QK));
-    for (((((x, q), d), c), s), h) in blocks.zip(d).zip(c).zip(s).zip(h.chunks_exact_mut(2)) {
+    let halves = h.chunks_exact_mut(2).zip(e.chunks_exact_mut(4));
+    for (((((x, q), d), c), s), (h, e)) in blocks.zip(d).zip(c).zip(s).zip(halves) {
         let x: &[f32; QK] = x.try_into().unwrap();
         let q: &mut [u8; QK] = q.try_into().unwrap();
-        let (scale, [lo, hi]) = quantize_block(x, q);
+        let (scale, quarters) = quantize_block(x, q);
         *d = scale;
-        *c = -128 * (lo + hi);
-        h[0] = -128 * lo;
-        h[1] = -128 * hi;
+        *c = -128 * quarters.iter().sum::<i32>();
+        h[0] = -128 * (quarters[0] + quarters[1]);
+        h[1] = -128 * (quarters[2] + quarters[3]);
+        for (e, q) in e.iter_mut().zip(quarters) {
+            *e = -128 * q;
+        }
         // In order, so every path sees the same value.
         *s = x.iter().fold(0f32, |a, v| a + v);
     }
 }
 
-/// Returns the block's scale and the sums of its int8 values over its two halves of 16.
+/// Returns the block's scale and the sums of its int8 values over its four quarters of 8.
 #[inline(always)]
-pub(crate) fn quantize_block(x: &[f32; QK], q: &mut [u8; QK]) -> (f32, [i32; 2]) {
+pub(crate) fn quantize_block(x: &[f32; QK], q: &mut [u8; QK]) -> (f32, [i32; 4]) {
     let mut amax = 0f32;
     for v in x {
         amax = amax.max(v.abs());
     }
     if amax == 0.0 {
         q.fill(0);
-        return (0.0, [0, 0]);
+        return (0.0, [0; 4]);
     }
     let id = 127.0 / amax;
     // Adding and removing 1.5 * 2^23 rounds to the nearest integer, ties to even, for |v| < 2^22:
     // exact, branch-free, and vectorizes, unlike a call to roundeven.
     const MAGIC: f32 = 12_582_912.0;
-    let mut sums = [0i32; 2];
+    let mut sums = [0i32; 4];
     for (h, sum) in sums.iter_mut().enumerate() {
-        for (o, v) in q[h * QK / 2..(h + 1) * QK / 2].iter_mut().zip(&x[h * QK / 2..]) {
+        for (o, v) in q[h * QK / 4..(h + 1) * QK / 4].iter_mut().zip(&x[h * QK / 4..]) {
             let r = ((v * id) + MAGIC) - MAGIC;
             let i = r as i32;
             *sum += i;

@@ -11,6 +11,8 @@ use super::float::FloatTiles;
 use super::k4::{self, K4Tiles};
 use super::layout::{Avx2Tiles, Job};
 use super::pack::{IntKind, Tiled, TILE};
+use super::s2::{self, S2Tiles};
+use super::s3::{self, S3Tiles};
 use super::s4::{self, S4Tiles};
 use crate::quant::bytes::MINUS_8_TABLE;
 use std::arch::x86_64::*;
@@ -389,6 +391,175 @@ unsafe fn s4_tile<const T: usize>(j: &Job<S4Tiles>, ti: usize, t0: usize) {
     store_rows(j.y, j.ystride, j.rows, ti, t0, &acc);
 }
 
+/// Tiles `tiles` of a layout whose tile kernel takes up to `MAXT` tokens as a const parameter.
+macro_rules! by_tokens {
+    ($j:expr, $tiles:expr, $kernel:ident) => {{
+        let j = $j;
+        for ti in $tiles {
+            let mut t0 = 0;
+            while t0 < j.acts.n {
+                let m = (j.acts.n - t0).min(MAXT);
+                match m {
+                    1 => $kernel::<1>(j, ti, t0),
+                    2 => $kernel::<2>(j, ti, t0),
+                    3 => $kernel::<3>(j, ti, t0),
+                    _ => $kernel::<4>(j, ti, t0),
+                }
+                t0 += m;
+            }
+        }
+    }};
+}
+
+/// `v` shifted right by `n` bits per 16-bit lane (left by `-n` when `n` is negative); `n` is a
+/// constant wherever the kernels call it (their group loops unroll).
+#[inline(always)]
+unsafe fn shift_right16(v: __m256i, n: i32) -> __m256i {
+    if n >= 0 {
+        _mm256_srl_epi16(v, _mm_cvtsi32_si128(n))
+    } else {
+        _mm256_sll_epi16(v, _mm_cvtsi32_si128(-n))
+    }
+}
+
+/// 0x08 in every byte of the 32-bit lanes (rows) whose bit is set in `bits`, else 0.
+#[inline(always)]
+unsafe fn grid_bits(bits: u8) -> __m256i {
+    let lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    let set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits as i32), lane), lane);
+    _mm256_and_si256(set, _mm256_set1_epi8(8))
+}
+
+/// Signed table values of one q3_s block's 32 weights of 8 rows (tile half `half`), group by
+/// group (see `s3`).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn decode_s3(blk: *const u8, sel: *const u8, half: usize, stab: __m256i) -> [__m256i; 8] {
+    let crumbs = [
+        _mm256_load_si256(blk.add(32 * half) as *const __m256i),
+        _mm256_load_si256(blk.add(64 + 32 * half) as *const __m256i),
+    ];
+    let high = _mm256_load_si256(blk.add(128 + 32 * half) as *const __m256i);
+    let (m3, m4) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
+    // Grid bits of the block's two halves of 16 weights, for rows 8 half .. 8 half + 8.
+    let grid = [grid_bits(*sel.add(half)), grid_bits(*sel.add(2 + half))];
+    let mut w = [_mm256_setzero_si256(); 8];
+    for g in 0..8 {
+        let c = _mm256_and_si256(shift_right16(crumbs[g / 4], 2 * (g % 4) as i32), m3);
+        let h = _mm256_and_si256(shift_right16(high, g as i32 - 2), m4);
+        let t = _mm256_or_si256(_mm256_or_si256(c, h), grid[g / 4]);
+        w[g] = _mm256_shuffle_epi8(stab, t);
+    }
+    w
+}
+
+/// Tokens t0..t0+T through q3_s tile `ti` (see `s3`), 8 rows at a time: each block's sum of the
+/// table's signed values times its integer sub-scale.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn s3_tile<const T: usize>(j: &Job<S3Tiles>, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.layout.tile_bytes());
+    let stab = _mm256_broadcastsi128_si256(_mm_loadu_si128(s3::TABLE.as_ptr() as *const __m128i));
+    let ones = _mm256_set1_epi16(1);
+    let acts = j.acts;
+    let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
+    let xd: [*const f32; T] = std::array::from_fn(|k| acts.d_ptr(t0 + k));
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    for s in 0..j.layout.nsb {
+        let sb = base.add(s * s3::SB_BYTES);
+        let ahead = sb.wrapping_add(s3::PF);
+        for half in 0..2 {
+            for l in 14 * half..(14 * (half + 1)).min(s3::SB_BYTES / 64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
+            }
+            let dv = _mm256_cvtph_ps(_mm_load_si128(sb.add(s3::D_OFF + 16 * half) as *const __m128i));
+            let dv = _mm256_mul_ps(dv, _mm256_set1_ps(s3::D_UNIT));
+            for sub in 0..s3::SUB {
+                let b = s * s3::SUB + sub;
+                let w = decode_s3(sb.add(sub * s3::BLK_BYTES), sb.add(s3::SEL_OFF + 4 * sub), half, stab);
+                let sc = bytes_i32(sb.add(s3::SC_OFF + sub * TILE + 8 * half));
+                for k in 0..T {
+                    let x = xq[k].add(b * 8);
+                    let mut s0 = _mm256_setzero_si256();
+                    let mut s1 = _mm256_setzero_si256();
+                    for g in (0..8).step_by(2) {
+                        s0 = _mm256_add_epi32(s0, dot4::<TABLE>(w[g], _mm256_set1_epi32(*x.add(g)), ones));
+                        s1 = _mm256_add_epi32(s1, dot4::<TABLE>(w[g + 1], _mm256_set1_epi32(*x.add(g + 1)), ones));
+                    }
+                    let isum = _mm256_mullo_epi32(_mm256_add_epi32(s0, s1), sc);
+                    let scale = _mm256_mul_ps(dv, _mm256_set1_ps(*xd[k].add(b)));
+                    acc[k][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[k][half]);
+                }
+            }
+        }
+    }
+    store_rows(j.y, j.ystride, j.rows, ti, t0, &acc);
+}
+
+/// Tokens t0..t0+T through q2_s tile `ti` (see `s2`), 8 rows at a time. `vpmaddwd` adds the
+/// pairs of products by the quarter's sub-scale instead of by ones, so the scales cost nothing
+/// per group: every 32-bit lane sums four products of one quarter.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn s2_tile<const T: usize>(j: &Job<S2Tiles>, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.layout.tile_bytes());
+    let stab = _mm256_broadcastsi128_si256(_mm_loadu_si128(s2::TABLE.as_ptr() as *const __m128i));
+    let m3 = _mm256_set1_epi8(3);
+    let (low, eight) = (_mm256_set1_epi16(15), _mm256_set1_epi16(8));
+    // Each lane's low byte to both of its 16-bit halves.
+    let dup = _mm256_setr_epi8(
+        0, -128, 0, -128, 4, -128, 4, -128, 8, -128, 8, -128, 12, -128, 12, -128,
+        0, -128, 0, -128, 4, -128, 4, -128, 8, -128, 8, -128, 12, -128, 12, -128,
+    );
+    let acts = j.acts;
+    let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
+    let xd: [*const f32; T] = std::array::from_fn(|k| acts.d_ptr(t0 + k));
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    for s in 0..j.layout.nsb {
+        let sb = base.add(s * s2::SB_BYTES);
+        let ahead = sb.wrapping_add(s2::PF);
+        for half in 0..2 {
+            for l in 11 * half..(11 * (half + 1)).min(s2::SB_BYTES / 64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
+            }
+            let dv = _mm256_cvtph_ps(_mm_load_si128(sb.add(s2::D_OFF + 16 * half) as *const __m128i));
+            let dv = _mm256_mul_ps(dv, _mm256_set1_ps(s2::D_UNIT));
+            for sub in 0..s2::SUB {
+                let b = s * s2::SUB + sub;
+                let blk = sb.add(sub * s2::BLK_BYTES + 32 * half);
+                let crumbs = [_mm256_load_si256(blk as *const __m256i), _mm256_load_si256(blk.add(64) as *const __m256i)];
+                let mut w = [_mm256_setzero_si256(); 8];
+                for g in 0..8 {
+                    let c = _mm256_and_si256(shift_right16(crumbs[g / 4], 2 * (g % 4) as i32), m3);
+                    w[g] = _mm256_shuffle_epi8(stab, c);
+                }
+                // The sub-scales of quarters 2p, 2p + 1 as 16-bit pairs per row.
+                let mut sc = [_mm256_setzero_si256(); 4];
+                for p in 0..2 {
+                    let u = _mm256_cvtepu8_epi32(_mm_loadl_epi64(sb.add(s2::SC_OFF + 32 * sub + 16 * p + 8 * half) as *const __m128i));
+                    let u = _mm256_shuffle_epi8(u, dup);
+                    sc[2 * p] = _mm256_sub_epi16(_mm256_and_si256(u, low), eight);
+                    sc[2 * p + 1] = _mm256_sub_epi16(_mm256_srli_epi16::<4>(u), eight);
+                }
+                for k in 0..T {
+                    let x = xq[k].add(b * 8);
+                    let mut s0 = _mm256_setzero_si256();
+                    let mut s1 = _mm256_setzero_si256();
+                    for g in (0..8).step_by(2) {
+                        let (xa, xb) = (_mm256_set1_epi32(*x.add(g)), _mm256_set1_epi32(*x.add(g + 1)));
+                        let pa = _mm256_maddubs_epi16(_mm256_abs_epi8(w[g]), _mm256_sign_epi8(xa, w[g]));
+                        let pb = _mm256_maddubs_epi16(_mm256_abs_epi8(w[g + 1]), _mm256_sign_epi8(xb, w[g + 1]));
+                        s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(pa, sc[g / 2]));
+                        s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(pb, sc[g / 2]));
+                    }
+                    let scale = _mm256_mul_ps(dv, _mm256_set1_ps(*xd[k].add(b)));
+                    let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+                    acc[k][half] = _mm256_fmadd_ps(isum, scale, acc[k][half]);
+                }
+            }
+        }
+    }
+    store_rows(j.y, j.ystride, j.rows, ti, t0, &acc);
+}
+
 // The layouts' entry points on this path.
 
 impl Avx2Tiles for Tiled {
@@ -412,5 +583,17 @@ impl Avx2Tiles for K4Tiles {
 impl Avx2Tiles for S4Tiles {
     unsafe fn tiles_avx2(j: &Job<Self>, tiles: Range<usize>) {
         s4_tiles(j, tiles)
+    }
+}
+
+impl Avx2Tiles for S3Tiles {
+    unsafe fn tiles_avx2(j: &Job<Self>, tiles: Range<usize>) {
+        by_tokens!(j, tiles, s3_tile)
+    }
+}
+
+impl Avx2Tiles for S2Tiles {
+    unsafe fn tiles_avx2(j: &Job<Self>, tiles: Range<usize>) {
+        by_tokens!(j, tiles, s2_tile)
     }
 }

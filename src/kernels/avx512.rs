@@ -10,6 +10,8 @@ use super::float::FloatTiles;
 use super::k4::{self, K4Tiles};
 use super::layout::{Avx512Tiles, Job};
 use super::pack::{IntKind, Tiled, TILE};
+use super::s2::{self, S2Tiles};
+use super::s3::{self, S3Tiles};
 use super::s4::{self, S4Tiles};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -356,6 +358,194 @@ unsafe fn s4_tile<const T: usize>(j: &Job<S4Tiles>, ti: usize, t0: usize) {
     }
 }
 
+/// Tiles `tiles` of a layout whose tile kernel takes up to `MAXT` tokens as a const parameter.
+macro_rules! by_tokens {
+    ($j:expr, $tiles:expr, $kernel:ident) => {{
+        let j = $j;
+        for ti in $tiles {
+            let mut t0 = 0;
+            while t0 < j.acts.n {
+                let m = (j.acts.n - t0).min(MAXT);
+                match m {
+                    1 => $kernel::<1>(j, ti, t0),
+                    2 => $kernel::<2>(j, ti, t0),
+                    3 => $kernel::<3>(j, ti, t0),
+                    4 => $kernel::<4>(j, ti, t0),
+                    5 => $kernel::<5>(j, ti, t0),
+                    6 => $kernel::<6>(j, ti, t0),
+                    7 => $kernel::<7>(j, ti, t0),
+                    _ => $kernel::<8>(j, ti, t0),
+                }
+                t0 += m;
+            }
+        }
+    }};
+}
+
+/// `v` shifted right by `n` bits per 16-bit lane (left by `-n` when `n` is negative). `n` is a
+/// constant wherever the kernels call it (their group loops unroll), and compiles to an
+/// immediate shift.
+#[inline(always)]
+unsafe fn shift_right16(v: __m512i, n: i32) -> __m512i {
+    if n >= 0 {
+        _mm512_srl_epi16(v, _mm_cvtsi32_si128(n))
+    } else {
+        _mm512_sll_epi16(v, _mm_cvtsi32_si128(-n))
+    }
+}
+
+/// Store one tile's accumulators for tokens t0..t0+T.
+#[inline(always)]
+unsafe fn store_tile<const T: usize>(y: *mut f32, ystride: usize, rows: usize, ti: usize, t0: usize, acc: &[__m512; T]) {
+    let r0 = ti * TILE;
+    let mask = ((1u32 << (rows - r0).min(TILE)) - 1) as __mmask16;
+    for (k, a) in acc.iter().enumerate() {
+        _mm512_mask_storeu_ps(y.add((t0 + k) * ystride + r0), mask, *a);
+    }
+}
+
+/// The (biased) table values of one q3_s block's 32 weights of 16 rows, group by group: two
+/// crumb bits, the high bit moved to bit 2, the half's grid bit as bit 3 (`s3`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn decode_s3(blk: *const u8, sel: *const u8, tbl: __m512i) -> [__m512i; 8] {
+    let crumbs = [_mm512_load_si512(blk as *const _), _mm512_load_si512(blk.add(64) as *const _)];
+    let high = _mm512_load_si512(blk.add(128) as *const _);
+    let (m3, m7) = (_mm512_set1_epi8(3), _mm512_set1_epi8(7));
+    let eight = _mm512_set1_epi8(8);
+    let grid = [
+        _mm512_maskz_mov_epi32(sel.cast::<u16>().read_unaligned(), eight),
+        _mm512_maskz_mov_epi32(sel.add(2).cast::<u16>().read_unaligned(), eight),
+    ];
+    let mut w = [_mm512_setzero_si512(); 8];
+    for g in 0..8 {
+        let c = shift_right16(crumbs[g / 4], 2 * (g % 4) as i32);
+        let h = shift_right16(high, g as i32 - 2);
+        // Bits 0-1 from the crumbs, the rest from the high bits; then bit 2 kept, bit 3 the grid.
+        let t = _mm512_ternarylogic_epi32::<0xe4>(c, h, m3);
+        let t = _mm512_ternarylogic_epi32::<0xea>(t, m7, grid[g / 4]);
+        w[g] = _mm512_shuffle_epi8(tbl, t);
+    }
+    w
+}
+
+/// Tokens t0..t0+T through q3_s tile `ti`: each block's sum (started at its bias correction)
+/// times the integer sub-scale (see `s3`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn s3_tile<const T: usize>(j: &Job<S3Tiles>, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.layout.tile_bytes());
+    let tbl = _mm512_broadcast_i32x4(_mm_loadu_si128(s3::UTABLE.as_ptr() as *const __m128i));
+    let acts = j.acts;
+    let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
+    let xd: [*const f32; T] = std::array::from_fn(|k| acts.d_ptr(t0 + k));
+    let xc: [*const i32; T] = std::array::from_fn(|k| acts.c_ptr(t0 + k));
+    let mut acc = [_mm512_setzero_ps(); T];
+    for s in 0..j.layout.nsb {
+        let sb = base.add(s * s3::SB_BYTES);
+        let ahead = sb.wrapping_add(s3::PF);
+        let dv = _mm512_cvtph_ps(_mm256_load_si256(sb.add(s3::D_OFF) as *const __m256i));
+        let dv = _mm512_mul_ps(dv, _mm512_set1_ps(s3::D_UNIT));
+        for sub in 0..s3::SUB {
+            for l in s3::PF_LINES * sub..(s3::PF_LINES * (sub + 1)).min(s3::SB_BYTES / 64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
+            }
+            let b = s * s3::SUB + sub;
+            let w = decode_s3(sb.add(sub * s3::BLK_BYTES), sb.add(s3::SEL_OFF + 4 * sub), tbl);
+            let sc = bytes_i32(sb.add(s3::SC_OFF + sub * TILE));
+            for k in 0..T {
+                let x = xq[k].add(b * 8);
+                let mut s0 = _mm512_set1_epi32(*xc[k].add(b));
+                let mut s1 = _mm512_setzero_si512();
+                for g in (0..8).step_by(2) {
+                    s0 = _mm512_dpbusd_epi32(s0, w[g], _mm512_set1_epi32(*x.add(g)));
+                    s1 = _mm512_dpbusd_epi32(s1, w[g + 1], _mm512_set1_epi32(*x.add(g + 1)));
+                }
+                let isum = _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), sc);
+                let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*xd[k].add(b)));
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[k]);
+            }
+        }
+    }
+    store_tile(j.y, j.ystride, j.rows, ti, t0, &acc);
+}
+
+/// The (biased) table values of one q2_s block's 32 weights of 16 rows, group by group. With
+/// VBMI, `vpermb` reads only bits 0-5 of each shifted byte, so a table repeated 16 times over
+/// its 64 entries ignores the neighbouring crumbs and no mask is needed; else mask and `pshufb`.
+#[inline(always)]
+unsafe fn decode_s2<const VBMI: bool>(blk: *const u8, tbl: __m512i) -> [__m512i; 8] {
+    let crumbs = [_mm512_load_si512(blk as *const _), _mm512_load_si512(blk.add(64) as *const _)];
+    let m3 = _mm512_set1_epi8(3);
+    let mut w = [_mm512_setzero_si512(); 8];
+    for g in 0..8 {
+        let c = shift_right16(crumbs[g / 4], 2 * (g % 4) as i32);
+        w[g] = if VBMI {
+            _mm512_permutexvar_epi8(c, tbl)
+        } else {
+            _mm512_shuffle_epi8(tbl, _mm512_and_si512(c, m3))
+        };
+    }
+    w
+}
+
+/// Tokens t0..t0+T through q2_s tile `ti`: four quarter sums per block (each started at its
+/// bias correction) combined by the integer sub-scales (see `s2`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn s2_tile_vbmi<const T: usize>(j: &Job<S2Tiles>, ti: usize, t0: usize) {
+    s2_tile::<T, true>(j, ti, t0)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn s2_tile_plain<const T: usize>(j: &Job<S2Tiles>, ti: usize, t0: usize) {
+    s2_tile::<T, false>(j, ti, t0)
+}
+
+#[inline(always)]
+unsafe fn s2_tile<const T: usize, const VBMI: bool>(j: &Job<S2Tiles>, ti: usize, t0: usize) {
+    let base = j.data.add(ti * j.layout.tile_bytes());
+    // The table in each 16-byte lane (pshufb), which is also every 4 entries of 64 (vpermb).
+    let tbl = _mm512_broadcast_i32x4(_mm_loadu_si128(s2::UTABLE4.as_ptr() as *const __m128i));
+    let (low, eight) = (_mm512_set1_epi32(15), _mm512_set1_epi32(8));
+    let acts = j.acts;
+    let xq: [*const i32; T] = std::array::from_fn(|k| acts.q_ptr(t0 + k, 0) as *const i32);
+    let xd: [*const f32; T] = std::array::from_fn(|k| acts.d_ptr(t0 + k));
+    let xe: [*const i32; T] = std::array::from_fn(|k| acts.e_ptr(t0 + k));
+    let mut acc = [_mm512_setzero_ps(); T];
+    for s in 0..j.layout.nsb {
+        let sb = base.add(s * s2::SB_BYTES);
+        let ahead = sb.wrapping_add(s2::PF);
+        let dv = _mm512_cvtph_ps(_mm256_load_si256(sb.add(s2::D_OFF) as *const __m256i));
+        let dv = _mm512_mul_ps(dv, _mm512_set1_ps(s2::D_UNIT));
+        for sub in 0..s2::SUB {
+            for l in s2::PF_LINES * sub..(s2::PF_LINES * (sub + 1)).min(s2::SB_BYTES / 64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
+            }
+            let b = s * s2::SUB + sub;
+            let w = decode_s2::<VBMI>(sb.add(sub * s2::BLK_BYTES), tbl);
+            let mut sc = [_mm512_setzero_si512(); 4];
+            for p in 0..2 {
+                let u = _mm512_cvtepu8_epi32(_mm_load_si128(sb.add(s2::SC_OFF + 32 * sub + 16 * p) as *const __m128i));
+                sc[2 * p] = _mm512_sub_epi32(_mm512_and_si512(u, low), eight);
+                sc[2 * p + 1] = _mm512_sub_epi32(_mm512_srli_epi32::<4>(u), eight);
+            }
+            for k in 0..T {
+                let x = xq[k].add(b * 8);
+                let mut part = [_mm512_setzero_si512(); 4];
+                for q in 0..4 {
+                    part[q] = _mm512_set1_epi32(*xe[k].add(4 * b + q));
+                    part[q] = _mm512_dpbusd_epi32(part[q], w[2 * q], _mm512_set1_epi32(*x.add(2 * q)));
+                    part[q] = _mm512_dpbusd_epi32(part[q], w[2 * q + 1], _mm512_set1_epi32(*x.add(2 * q + 1)));
+                }
+                let lo = _mm512_add_epi32(_mm512_mullo_epi32(part[0], sc[0]), _mm512_mullo_epi32(part[1], sc[1]));
+                let hi = _mm512_add_epi32(_mm512_mullo_epi32(part[2], sc[2]), _mm512_mullo_epi32(part[3], sc[3]));
+                let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*xd[k].add(b)));
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), scale, acc[k]);
+            }
+        }
+    }
+    store_tile(j.y, j.ystride, j.rows, ti, t0, &acc);
+}
+
 // The layouts' entry points on this path.
 
 impl Avx512Tiles for Tiled {
@@ -379,5 +569,21 @@ impl Avx512Tiles for K4Tiles {
 impl Avx512Tiles for S4Tiles {
     unsafe fn tiles_avx512(j: &Job<Self>, tiles: Range<usize>) {
         s4_tiles(j, tiles)
+    }
+}
+
+impl Avx512Tiles for S3Tiles {
+    unsafe fn tiles_avx512(j: &Job<Self>, tiles: Range<usize>) {
+        by_tokens!(j, tiles, s3_tile)
+    }
+}
+
+impl Avx512Tiles for S2Tiles {
+    unsafe fn tiles_avx512(j: &Job<Self>, tiles: Range<usize>) {
+        if std::arch::is_x86_feature_detected!("avx512vbmi") {
+            by_tokens!(j, tiles, s2_tile_vbmi)
+        } else {
+            by_tokens!(j, tiles, s2_tile_plain)
+        }
     }
 }

@@ -1,9 +1,10 @@
 //! The seam between `Matrix` and the block types: each runtime layout (`pack::Tiled` for q8_0,
-//! q4_0 and iq4_nl, `float::FloatTiles`, `k4::K4Tiles`, `s4::S4Tiles`) implements `TileLayout`
-//! (geometry, packing, row decoding, the scalar reference kernel) in its own file, and one
-//! `*Tiles` trait per SIMD path in that path's file. `Matrix` holds the layout as a `dyn Layout`
-//! made once in `Matrix::from_bytes` (`matrix::layout_for`), so the only dynamic call a product
-//! makes is one per run of tiles a thread takes; inside it everything is static.
+//! q4_0 and iq4_nl, `float::FloatTiles`, `k4::K4Tiles`, `s4::S4Tiles`, `s3::S3Tiles`,
+//! `s2::S2Tiles`) implements `TileLayout` (geometry, packing, row decoding, the scalar reference
+//! kernel) in its own file, and one `*Tiles` trait per SIMD path in that path's file. `Matrix`
+//! holds the layout as a `dyn Layout` made once in `Matrix::from_bytes` (`matrix::layout_for`), so
+//! the only dynamic call a product makes is one per run of tiles a thread takes; inside it
+//! everything is static.
 
 use super::act::QActs;
 use super::Isa;

@@ -6,6 +6,8 @@ use super::float::FloatTiles;
 use super::k4::K4Tiles;
 use super::layout::{Job, Layout};
 use super::pack::Tiled;
+use super::s2::S2Tiles;
+use super::s3::S3Tiles;
 use super::s4::S4Tiles;
 use super::pack::TILE;
 use super::{pool, selected, Isa};
@@ -210,5 +212,7 @@ fn layout_for(qtype: QuantType, rows: usize, cols: usize) -> Box<dyn Layout> {
         QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl => Box::new(Tiled::new(qtype, rows, cols)),
         QuantType::Q4K => Box::new(K4Tiles::new(rows, cols)),
         QuantType::Q4S => Box::new(S4Tiles::new(rows, cols)),
+        QuantType::Q3S => Box::new(S3Tiles::new(rows, cols)),
+        QuantType::Q2S => Box::new(S2Tiles::new(rows, cols)),
     }
 }

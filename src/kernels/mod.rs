@@ -2,14 +2,14 @@
 //! (rows = output channels, blocks along `cols`) in a runtime layout and multiplies it by
 //! activations.
 //!
-//! * q8_0 / q4_0 / iq4_nl / q4_k / q4_s: activations are quantized per block of 32 to int8 with
-//!   an f32 scale (`act`), then integer dot products per block, scaled and summed in f32 (q4_k's
-//!   offsets meet the exact f32 block sums: `k4`; q4_s's half-block scales apply in integers:
-//!   `s4`).
+//! * q8_0 / q4_0 / iq4_nl / q4_k / q4_s / q3_s / q2_s: activations are quantized per block of 32
+//!   to int8 with an f32 scale (`act`), then integer dot products per block, scaled and summed in
+//!   f32 (q4_k's offsets meet the exact f32 block sums: `k4`; q4_s's half-block scales apply in
+//!   integers: `s4`, as do q3_s's block scales, `s3`, and q2_s's quarter-block scales, `s2`).
 //! * bf16 / f32: f32 products and sums, exact to f32 rounding (`float`).
 //!
-//! All are stored in tiles of 16 rows (`pack`, `float`, `k4`, `s4`), so that each thread streams
-//! one contiguous run of memory and each output row is one vector lane. Repacking happens in
+//! All are stored in tiles of 16 rows (`pack`, `float`, `k4`, `s4`, `s3`, `s2`), so that each
+//! thread streams one contiguous run of memory and each output row is one vector lane. Repacking happens in
 //! `from_bytes` and `reload` (the latter reuses the memory: use it for weights streamed in and
 //! out).
 //!
@@ -39,7 +39,9 @@
 //!    check NEON with `.ci/neon.sh`).
 //! 5. The GPU side, which matches `QuantType` too: `src/gpu/source.rs` (`matvec_kernel`,
 //!    `matmul_kernel`, whose kernels live in `src/gpu/cu/matvec.cu` and `matmul.cu`) and
-//!    `src/gpu/layout.rs` (`DeviceLayout::dequantize_row`).
+//!    `src/gpu/layout.rs` (`DeviceLayout::dequantize_row`); or, for a type with no device
+//!    kernel (q3_s, q2_s), one arm in `gpu::layout::unsupported`, which keeps its matrices on
+//!    the CPU and makes the plan say so.
 //! 6. Tests and benches that list types: in `tests/kernels.rs`, `is_int` (and `is_super` for
 //!    256-weight super-blocks) and the resident size `reload_replaces_weights` expects;
 //!    `ggml_type` in `tests/ggml_crosscheck.rs` (the ggml twin, or none); for super-block
@@ -50,7 +52,9 @@
 //! 7. Docs: `formats/blocks.md` (the table and a section) and the qtype list in
 //!    `formats/README.md`.
 //!
-//! `matrix.rs`, the activation quantizer and the thread pool need no change.
+//! The thread pool and the rest of `matrix.rs` need no change, nor does the activation
+//! quantizer (`act`) for sub-block scales of 16 weights or more; q2_s's 8-weight scales needed
+//! one more set of partial sums there (per 8-weight quarter).
 
 mod act;
 mod bandwidth;
@@ -60,6 +64,8 @@ mod k4;
 mod layout;
 mod pack;
 mod pool;
+mod s2;
+mod s3;
 mod s4;
 
 #[cfg(target_arch = "x86_64")]

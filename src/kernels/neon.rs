@@ -14,6 +14,8 @@ use super::float::FloatTiles;
 use super::k4::{self, K4Tiles};
 use super::layout::{Job, NeonTiles};
 use super::pack::{IntKind, Tiled, TILE};
+use super::s2::{self, S2Tiles};
+use super::s3::{self, S3Tiles};
 use super::s4::{self, S4Tiles};
 use std::arch::aarch64::*;
 use std::ops::Range;
@@ -382,6 +384,209 @@ unsafe fn s4_tile<const DOT: bool>(j: &Job<S4Tiles>, ti: usize, t0: usize, nt: u
     }
 }
 
+/// Per row of 16 (four registers of four), the sum over groups `groups` of the products of the
+/// decoded signed weights `w[g][m]` (group `g`, rows 4m..4m+4) with the int8 activations at `x`.
+#[inline(always)]
+unsafe fn decoded_isum<const DOT: bool>(w: &[[int8x16_t; 4]; 8], x: *const i32, groups: Range<usize>) -> [int32x4_t; 4] {
+    let mut isum = [vdupq_n_s32(0); 4];
+    if DOT {
+        for g in groups {
+            let xg = vreinterpretq_s8_s32(vdupq_n_s32(x.add(g).read_unaligned()));
+            for (m, s) in isum.iter_mut().enumerate() {
+                *s = sdot(*s, w[g][m], xg);
+            }
+        }
+    } else {
+        let mut lo = [vdupq_n_s32(0); 4];
+        let mut hi = [vdupq_n_s32(0); 4];
+        for g in groups {
+            let xg = vreinterpretq_s8_s32(vdupq_n_s32(x.add(g).read_unaligned()));
+            for m in 0..4 {
+                lo[m] = vpadalq_s16(lo[m], vmull_s8(vget_low_s8(w[g][m]), vget_low_s8(xg)));
+                hi[m] = vpadalq_s16(hi[m], vmull_high_s8(w[g][m], xg));
+            }
+        }
+        for m in 0..4 {
+            isum[m] = vpaddq_s32(lo[m], hi[m]);
+        }
+    }
+    isum
+}
+
+/// Signed weights of one q3_s block of 16 rows (see `s3`): crumbs, the high bit moved to bit 2,
+/// the half's grid bit (from the per-row masks at `sel`) as bit 3, through the table.
+#[inline(always)]
+unsafe fn decode_s3(blk: *const u8, sel: *const u8, table: int8x16_t) -> [[int8x16_t; 4]; 8] {
+    let mut w = [[vdupq_n_s8(0); 4]; 8];
+    for m in 0..4 {
+        let crumbs = [vld1q_u8(blk.add(16 * m)), vld1q_u8(blk.add(64 + 16 * m))];
+        let high = vld1q_u8(blk.add(128 + 16 * m));
+        // Grid bits of rows 4m..4m+4 for the block's two halves, as 8 in every byte of a row.
+        let lane = vld1q_u32([1u32, 2, 4, 8].as_ptr());
+        let grid = [0, 1].map(|h| {
+            let bits = (sel.add(2 * h).cast::<u16>().read_unaligned() as u32 >> (4 * m)) & 15;
+            vandq_u8(vreinterpretq_u8_u32(vtstq_u32(vdupq_n_u32(bits), lane)), vdupq_n_u8(8))
+        });
+        for g in 0..8 {
+            let c = vandq_u8(vshlq_u8(crumbs[g / 4], vdupq_n_s8(-2 * (g % 4) as i8)), vdupq_n_u8(3));
+            let h = vandq_u8(vshlq_u8(high, vdupq_n_s8(2 - g as i8)), vdupq_n_u8(4));
+            w[g][m] = vqtbl1q_s8(table, vorrq_u8(vorrq_u8(c, h), grid[g / 4]));
+        }
+    }
+    w
+}
+
+/// Signed weights of one q2_s block of 16 rows (see `s2`).
+#[inline(always)]
+unsafe fn decode_s2(blk: *const u8, table: int8x16_t) -> [[int8x16_t; 4]; 8] {
+    let mut w = [[vdupq_n_s8(0); 4]; 8];
+    for m in 0..4 {
+        let crumbs = [vld1q_u8(blk.add(16 * m)), vld1q_u8(blk.add(64 + 16 * m))];
+        for g in 0..8 {
+            let c = vandq_u8(vshlq_u8(crumbs[g / 4], vdupq_n_s8(-2 * (g % 4) as i8)), vdupq_n_u8(3));
+            w[g][m] = vqtbl1q_s8(table, c);
+        }
+    }
+    w
+}
+
+/// 16 signed bytes as four registers of four i32.
+#[inline(always)]
+unsafe fn widen_i8(v: int8x16_t) -> [int32x4_t; 4] {
+    let (l, h) = (vmovl_s8(vget_low_s8(v)), vmovl_high_s8(v));
+    [vmovl_s16(vget_low_s16(l)), vmovl_high_s16(l), vmovl_s16(vget_low_s16(h)), vmovl_high_s16(h)]
+}
+
+/// The 16 f16 super-block scales at `p`, times `unit`.
+#[inline(always)]
+unsafe fn row_scales(p: *const u8, unit: f32) -> [f32; TILE] {
+    let mut d = [0f32; TILE];
+    for (i, v) in d.iter_mut().enumerate() {
+        *v = half::f16::from_le_bytes([*p.add(2 * i), *p.add(2 * i + 1)]).to_f32() * unit;
+    }
+    d
+}
+
+/// Store one tile's accumulators for tokens t0..t0+nt.
+#[inline(always)]
+unsafe fn store_tile(j_y: *mut f32, ystride: usize, rows: usize, ti: usize, t0: usize, nt: usize, acc: &[[float32x4_t; 4]; MAXT]) {
+    let r0 = ti * TILE;
+    let valid = (rows - r0).min(TILE);
+    for (k, a) in acc.iter().enumerate().take(nt) {
+        let mut out = [0f32; TILE];
+        for m in 0..4 {
+            vst1q_f32(out.as_mut_ptr().add(4 * m), a[m]);
+        }
+        std::ptr::copy_nonoverlapping(out.as_ptr(), j_y.add((t0 + k) * ystride + r0), valid);
+    }
+}
+
+macro_rules! neon_tiles {
+    ($j:expr, $tiles:expr, $dot:ident, $plain:ident) => {{
+        let j = $j;
+        let dot = std::arch::is_aarch64_feature_detected!("dotprod");
+        for ti in $tiles {
+            let mut t0 = 0;
+            while t0 < j.acts.n {
+                let m = (j.acts.n - t0).min(MAXT);
+                if dot {
+                    $dot(j, ti, t0, m)
+                } else {
+                    $plain::<false>(j, ti, t0, m)
+                }
+                t0 += m;
+            }
+        }
+    }};
+}
+
+#[target_feature(enable = "dotprod")]
+unsafe fn s3_tile_dot(j: &Job<S3Tiles>, ti: usize, t0: usize, nt: usize) {
+    s3_tile::<true>(j, ti, t0, nt)
+}
+
+/// Tokens t0..t0+nt through q3_s tile `ti` (see `s3`): each block's sum times its integer
+/// sub-scale.
+#[inline(always)]
+unsafe fn s3_tile<const DOT: bool>(j: &Job<S3Tiles>, ti: usize, t0: usize, nt: usize) {
+    let base = j.data.add(ti * j.layout.tile_bytes());
+    let table = vld1q_s8(s3::TABLE.as_ptr());
+    let acts = j.acts;
+    let mut acc = [[vdupq_n_f32(0.0); 4]; MAXT];
+    for s in 0..j.layout.nsb {
+        let sb = base.add(s * s3::SB_BYTES);
+        let d = row_scales(sb.add(s3::D_OFF), s3::D_UNIT);
+        for sub in 0..s3::SUB {
+            for l in s3::PF_LINES * sub..(s3::PF_LINES * (sub + 1)).min(s3::SB_BYTES / 64) {
+                prefetch(sb.wrapping_add(s3::PF + 64 * l));
+            }
+            let b = s * s3::SUB + sub;
+            let w = decode_s3(sb.add(sub * s3::BLK_BYTES), sb.add(s3::SEL_OFF + 4 * sub), table);
+            let sc = widen_i8(vld1q_s8(sb.add(s3::SC_OFF + sub * TILE) as *const i8));
+            for (k, a) in acc.iter_mut().enumerate().take(nt) {
+                let sum = decoded_isum::<DOT>(&w, acts.q_ptr(t0 + k, b) as *const i32, 0..8);
+                let dx = vdupq_n_f32(*acts.d_ptr(t0 + k).add(b));
+                for m in 0..4 {
+                    let isum = vmulq_s32(sum[m], sc[m]);
+                    let scale = vmulq_f32(vld1q_f32(d.as_ptr().add(4 * m)), dx);
+                    a[m] = vfmaq_f32(a[m], vcvtq_f32_s32(isum), scale);
+                }
+            }
+        }
+    }
+    store_tile(j.y, j.ystride, j.rows, ti, t0, nt, &acc);
+}
+
+#[target_feature(enable = "dotprod")]
+unsafe fn s2_tile_dot(j: &Job<S2Tiles>, ti: usize, t0: usize, nt: usize) {
+    s2_tile::<true>(j, ti, t0, nt)
+}
+
+/// Tokens t0..t0+nt through q2_s tile `ti` (see `s2`): four quarter sums per block combined by
+/// the integer sub-scales.
+#[inline(always)]
+unsafe fn s2_tile<const DOT: bool>(j: &Job<S2Tiles>, ti: usize, t0: usize, nt: usize) {
+    let base = j.data.add(ti * j.layout.tile_bytes());
+    let table = vld1q_s8(s2::TABLE.as_ptr());
+    let acts = j.acts;
+    let mut acc = [[vdupq_n_f32(0.0); 4]; MAXT];
+    for s in 0..j.layout.nsb {
+        let sb = base.add(s * s2::SB_BYTES);
+        let d = row_scales(sb.add(s2::D_OFF), s2::D_UNIT);
+        for sub in 0..s2::SUB {
+            for l in s2::PF_LINES * sub..(s2::PF_LINES * (sub + 1)).min(s2::SB_BYTES / 64) {
+                prefetch(sb.wrapping_add(s2::PF + 64 * l));
+            }
+            let b = s * s2::SUB + sub;
+            let w = decode_s2(sb.add(sub * s2::BLK_BYTES), table);
+            let mut sc = [[vdupq_n_s32(0); 4]; 4];
+            for p in 0..2 {
+                let u = vld1q_u8(sb.add(s2::SC_OFF + 32 * sub + 16 * p));
+                let lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(u, vdupq_n_u8(15))), vdupq_n_s8(8));
+                let hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(u)), vdupq_n_s8(8));
+                sc[2 * p] = widen_i8(lo);
+                sc[2 * p + 1] = widen_i8(hi);
+            }
+            for (k, a) in acc.iter_mut().enumerate().take(nt) {
+                let x = acts.q_ptr(t0 + k, b) as *const i32;
+                let mut isum = [vdupq_n_s32(0); 4];
+                for q in 0..4 {
+                    let part = decoded_isum::<DOT>(&w, x, 2 * q..2 * q + 2);
+                    for m in 0..4 {
+                        isum[m] = vmlaq_s32(isum[m], part[m], sc[q][m]);
+                    }
+                }
+                let dx = vdupq_n_f32(*acts.d_ptr(t0 + k).add(b));
+                for m in 0..4 {
+                    let scale = vmulq_f32(vld1q_f32(d.as_ptr().add(4 * m)), dx);
+                    a[m] = vfmaq_f32(a[m], vcvtq_f32_s32(isum[m]), scale);
+                }
+            }
+        }
+    }
+    store_tile(j.y, j.ystride, j.rows, ti, t0, nt, &acc);
+}
+
 // The layouts' entry points on this path.
 
 impl NeonTiles for Tiled {
@@ -405,5 +610,17 @@ impl NeonTiles for K4Tiles {
 impl NeonTiles for S4Tiles {
     unsafe fn tiles_neon(j: &Job<Self>, tiles: Range<usize>) {
         s4_tiles(j, tiles)
+    }
+}
+
+impl NeonTiles for S3Tiles {
+    unsafe fn tiles_neon(j: &Job<Self>, tiles: Range<usize>) {
+        neon_tiles!(j, tiles, s3_tile_dot, s3_tile)
+    }
+}
+
+impl NeonTiles for S2Tiles {
+    unsafe fn tiles_neon(j: &Job<Self>, tiles: Range<usize>) {
+        neon_tiles!(j, tiles, s2_tile_dot, s2_tile)
     }
 }

@@ -4,13 +4,27 @@
 
 use crate::config::GrokConfig;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Identities of caches, so that a device can keep its own keys and values for each.
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
+/// Where dropped caches leave their ids, so that a device can free its copies of them.
+#[derive(Clone, Default)]
+pub struct KvDropList(Arc<Mutex<Vec<u64>>>);
+
+impl KvDropList {
+    /// The ids left since the last call.
+    pub fn take(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
 pub struct KvCache {
     /// Unique in this process.
     id: u64,
+    /// Told this cache's id when it is dropped.
+    on_drop: Vec<KvDropList>,
     n_kv_heads: usize,
     head_dim: usize,
     capacity: usize,
@@ -30,6 +44,7 @@ impl KvCache {
         let per_layer = config.n_kv_heads * max_tokens * config.head_dim;
         KvCache {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            on_drop: Vec::new(),
             n_kv_heads: config.n_kv_heads,
             head_dim: config.head_dim,
             capacity: max_tokens,
@@ -94,6 +109,13 @@ impl KvCache {
         self.id
     }
 
+    /// Leave this cache's id in `list` when it is dropped (once, however often asked).
+    pub fn notify_on_drop(&mut self, list: &KvDropList) {
+        if !self.on_drop.iter().any(|l| Arc::ptr_eq(&l.0, &list.0)) {
+            self.on_drop.push(list.clone());
+        }
+    }
+
     pub(crate) fn key_valid(&self) -> &[bool] {
         &self.key_valid
     }
@@ -117,5 +139,37 @@ impl KvCache {
     /// Keys and values of `layer`, `[kv_heads, capacity, head_dim]`.
     pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
         (&self.k[layer], &self.v[layer])
+    }
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        for l in &self.on_drop {
+            l.0.lock().unwrap().push(self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_cache_leaves_its_id_in_each_list_once() {
+        let c = crate::synth::Preset::by_name("micro").unwrap().config;
+        let (a, b) = (KvDropList::default(), KvDropList::default());
+        let mut x = KvCache::new(&c, 4);
+        let y = KvCache::new(&c, 4);
+        let (xid, yid) = (x.id(), y.id());
+        assert_ne!(xid, yid);
+        x.notify_on_drop(&a);
+        x.notify_on_drop(&a);
+        x.notify_on_drop(&b);
+        drop(y);
+        assert!(a.take().is_empty(), "a cache that was never registered is not reported");
+        drop(x);
+        assert_eq!(a.take(), vec![xid]);
+        assert_eq!(b.take(), vec![xid]);
+        assert!(a.take().is_empty());
     }
 }

@@ -13,5 +13,5 @@ pub mod ops;
 pub mod weights;
 
 pub use grok::{Model, Scratch};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvDropList};
 pub use weights::{LayerWeights, Weights};

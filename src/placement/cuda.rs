@@ -5,8 +5,13 @@
 //! equal: the GPU check compares them by KL.
 //!
 //! Per sequence (`KvCache::id`) the device keeps its own keys and values; layer 0 of each call
-//! brings the device cache to the host cache's length and appends the call's tokens. Device
-//! caches live as long as the device (a server dropping sequences would free them).
+//! brings the device cache to the host cache's length and appends the call's tokens. A
+//! `KvCache` tells the device when it is dropped; the device frees that sequence's cache on its
+//! next attention step (or when it is dropped itself).
+//!
+//! Device time is measured by timing events on the stream around each stretch of device work
+//! between two waits for the host (the router's input going out, the host experts' sum coming
+//! in), added up once the call's logits are back: busy time, not the wall time of the call.
 
 use super::cuda_buf::CudaBuf;
 use crate::checkpoint::Tensor;
@@ -19,8 +24,8 @@ use crate::gpu::{AttnShape, DenseWeights, DeviceExpert, DeviceKvCache, DeviceMat
 use crate::model::attention::AttnScratch;
 use crate::model::backend::Backend;
 use crate::model::geglu::ExpertScratch;
-use crate::model::KvCache;
-use cudarc::driver::{CudaSlice, DriverError};
+use crate::model::{KvCache, KvDropList};
+use cudarc::driver::{CudaEvent, CudaSlice, DriverError};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -54,7 +59,19 @@ pub struct CudaDevice {
     plan: GpuPlan,
     stats: Mutex<GpuStats>,
     kv: Mutex<HashMap<u64, DeviceKvCache>>,
+    /// Ids of dropped `KvCache`s whose device caches are still to be freed.
+    dropped: KvDropList,
     work: Mutex<Work>,
+    timing: Mutex<Timing>,
+}
+
+/// Timing events, in pairs around each stretch of device work of the current call; reused.
+#[derive(Default)]
+struct Timing {
+    events: Vec<CudaEvent>,
+    used: usize,
+    /// A stretch has begun and not ended.
+    open: bool,
 }
 
 impl CudaDevice {
@@ -83,7 +100,9 @@ impl CudaDevice {
             plan,
             stats: Mutex::new(GpuStats::default()),
             kv: Mutex::new(HashMap::new()),
+            dropped: KvDropList::default(),
             work: Mutex::new(Work::default()),
+            timing: Mutex::new(Timing::default()),
         })
     }
 
@@ -121,6 +140,50 @@ impl CudaDevice {
         }
     }
 
+    /// Record the next timing event of the call on the stream.
+    fn mark(&self, t: &mut Timing) -> Result<()> {
+        if t.used == t.events.len() {
+            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            t.events.push(self.gpu.stream().context().new_event(flags).map_err(cuda("creating an event"))?);
+        }
+        t.events[t.used].record(self.gpu.stream()).map_err(cuda("recording an event"))?;
+        t.used += 1;
+        Ok(())
+    }
+
+    /// Device work is about to be queued: begin a timed stretch unless one is open.
+    fn busy(&self) -> Result<()> {
+        let mut t = self.timing.lock().unwrap();
+        if !t.open {
+            self.mark(&mut t)?;
+            t.open = true;
+        }
+        Ok(())
+    }
+
+    /// The host is about to wait for the device (or the device for the host): end the stretch.
+    fn idle(&self) -> Result<()> {
+        let mut t = self.timing.lock().unwrap();
+        if t.open {
+            self.mark(&mut t)?;
+            t.open = false;
+        }
+        Ok(())
+    }
+
+    /// After the stream has finished the call: add up its timed stretches as device time.
+    fn account(&self) -> Result<()> {
+        let mut t = self.timing.lock().unwrap();
+        let mut ms = 0f64;
+        for pair in t.events[..t.used & !1].chunks_exact(2) {
+            ms += pair[0].elapsed_ms(&pair[1]).map_err(cuda("reading an event"))? as f64;
+        }
+        t.used = 0;
+        t.open = false;
+        self.stats.lock().unwrap().gpu_seconds += ms / 1e3;
+        Ok(())
+    }
+
     /// Copy host values into the first `src.len()` values of `dst`, counted.
     fn copy_in<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,
@@ -150,6 +213,7 @@ impl Backend for CudaDevice {
             staging.resize(n, 0.0);
         }
         fill(&mut staging[..n]);
+        self.busy()?;
         self.copy_in(&staging[..n], dst)
     }
 
@@ -157,7 +221,9 @@ impl Backend for CudaDevice {
         if staging.len() < n {
             staging.resize(n, 0.0);
         }
+        self.busy()?;
         self.gpu.stream().memcpy_dtoh(&src.view(n)?, &mut staging[..n]).map_err(cuda("device-to-host copy"))?;
+        self.idle()?;
         self.gpu.synchronize()?;
         self.stats.lock().unwrap().add_d2h_floats(n);
         Ok(&staging[..n])
@@ -174,6 +240,8 @@ impl Backend for CudaDevice {
             staging.resize(n, 0.0);
         }
         staging[..n].fill(0.0);
+        // The device's experts of this layer run on while the host computes its own.
+        self.idle()?;
         let t0 = std::time::Instant::now();
         sum(&mut staging[..n])?;
         self.stats.lock().unwrap().cpu_expert_seconds += t0.elapsed().as_secs_f64();
@@ -181,6 +249,7 @@ impl Backend for CudaDevice {
         let rows = n / d;
         let mut w = self.work.lock().unwrap();
         let w = &mut *w;
+        self.busy()?;
         self.copy_in(&staging[..n], &mut w.host_sum)?;
         if w.rows.len() < rows {
             // Set up once per batch size: row indices 0.. and unit gates.
@@ -192,6 +261,7 @@ impl Backend for CudaDevice {
     }
 
     fn zero(&self, buf: &mut CudaBuf<f32>, n: usize) -> Result<()> {
+        self.busy()?;
         self.gpu.stream().memset_zeros(&mut buf.view_mut(n)?).map_err(cuda("memset"))
     }
 
@@ -201,17 +271,20 @@ impl Backend for CudaDevice {
     }
 
     fn rms_norm_rows(&self, x: &CudaBuf<f32>, first: usize, n: usize, scale: Tensor, eps: f32, out: &mut CudaBuf<f32>) -> Result<()> {
+        self.busy()?;
         let d = self.config.d_model;
         let x = x.view((first + n) * d)?.slice(first * d..);
         self.gpu.rms_norm_rows(&x, &self.vector(scale).slice(..), &mut out.view_mut(n * d)?, d, eps, false)
     }
 
     fn add_rms_norm_rows(&self, acc: &mut CudaBuf<f32>, x: &CudaBuf<f32>, n: usize, scale: Tensor, eps: f32, _tmp: &mut CudaBuf<f32>) -> Result<()> {
+        self.busy()?;
         let d = self.config.d_model;
         self.gpu.rms_norm_rows(&x.view(n * d)?, &self.vector(scale).slice(..), &mut acc.view_mut(n * d)?, d, eps, true)
     }
 
     fn project(&self, m: Tensor, x: &CudaBuf<f32>, n: usize, y: &mut CudaBuf<f32>) -> Result<()> {
+        self.busy()?;
         let m = self.matrix(m);
         m.matmul(&self.gpu, &x.view(n * m.cols)?, n, &mut y.view_mut(n * m.rows)?)
     }
@@ -227,6 +300,7 @@ impl Backend for CudaDevice {
         _cos: &CudaBuf<f32>,
         _sin: &CudaBuf<f32>,
     ) -> Result<()> {
+        self.busy()?;
         self.gpu.rope(&mut x.view_mut(n * width)?, n, width / hd, hd, p0, theta)
     }
 
@@ -242,10 +316,15 @@ impl Backend for CudaDevice {
         out: &mut CudaBuf<f32>,
         _scratch: &mut AttnScratch,
     ) -> Result<()> {
+        self.busy()?;
         let mut caches = self.kv.lock().unwrap();
+        for id in self.dropped.take() {
+            caches.remove(&id);
+        }
         let dkv = match caches.entry(cache.id()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
+                cache.notify_on_drop(&self.dropped);
                 e.insert(DeviceKvCache::new(&self.gpu, &self.config, cache.capacity())?)
             }
         };
@@ -278,6 +357,7 @@ impl Backend for CudaDevice {
             Error::Invalid(format!("expert {e} of layer {layer} asked of a device that does not hold it"))
         })?;
         let (d, f, n) = (self.config.d_model, self.config.ffn_size, members.len());
+        self.busy()?;
         let mut w = self.work.lock().unwrap();
         let w = &mut *w;
         let idx: Vec<i32> = members.iter().map(|m| m.0 as i32).collect();
@@ -297,12 +377,15 @@ impl Backend for CudaDevice {
     }
 
     fn logits(&self, xn: &CudaBuf<f32>, n: usize, logits: &mut [f32], _staging: &mut Vec<f32>) -> Result<()> {
+        self.busy()?;
         let m = &self.dense.embedding;
         let mut w = self.work.lock().unwrap();
         w.logits.reserve(&self.gpu, n * m.rows)?;
         m.matmul(&self.gpu, &xn.view(n * m.cols)?, n, &mut w.logits.view_mut(n * m.rows)?)?;
         self.gpu.stream().memcpy_dtoh(&w.logits.view(logits.len())?, logits).map_err(cuda("device-to-host copy"))?;
+        self.idle()?;
         self.gpu.synchronize()?;
+        self.account()?;
         self.stats.lock().unwrap().add_d2h_floats(logits.len());
         Ok(())
     }

@@ -26,6 +26,7 @@ use crate::checkpoint::{Proj, Tensor};
 use crate::config::GrokConfig;
 use crate::error::Result;
 use crate::format::ConvertedModel;
+use crate::gpu::layout::unsupported;
 use crate::gpu::plan::{default_budget, default_ranking, kv_bytes_per_token, plan, tensor_device_bytes, GpuPlan, ModelBytes};
 use crate::gpu::stats::GpuStats;
 use crate::kernels::Matrix;
@@ -57,10 +58,15 @@ pub fn model_bytes(config: &GrokConfig, w: &Weights) -> ModelBytes {
     let mat = |t: Tensor, m: &Matrix| (t.to_string(), tensor_device_bytes(m.qtype, &[m.rows, m.cols], m.nbytes() as u64));
     let vec = |t: Tensor, v: &[f32]| (t.to_string(), tensor_device_bytes(crate::quant::QuantType::F32, &[v.len()], 4 * v.len() as u64));
     let mut dense = vec![mat(Tensor::Embedding, &w.embedding), vec(Tensor::OutputNorm, &w.output_norm)];
+    let mut dense_cpu_only = unsupported(w.embedding.qtype).map(|why| format!("{}: {why}", Tensor::Embedding));
     let mut experts = Vec::new();
+    let mut cpu_only = Vec::new();
     for l in 0..w.layers.len() {
         for t in [Tensor::AttnQ(l), Tensor::AttnK(l), Tensor::AttnV(l), Tensor::AttnO(l)] {
             dense.push(mat(t, w.matrix(t)));
+            if dense_cpu_only.is_none() {
+                dense_cpu_only = unsupported(w.matrix(t).qtype).map(|why| format!("{t}: {why}"));
+            }
         }
         for t in [Tensor::AttnNorm(l), Tensor::AttnOutNorm(l), Tensor::FfnNorm(l), Tensor::Router(l), Tensor::FfnOutNorm(l)] {
             dense.push(vec(t, w.vector(t)));
@@ -68,6 +74,7 @@ pub fn model_bytes(config: &GrokConfig, w: &Weights) -> ModelBytes {
         for (e, x) in w.layers[l].experts.iter().enumerate() {
             let t = |proj| Tensor::Expert { layer: l, expert: e, proj };
             experts.push(mat(t(Proj::Gate), &x.gate).1 + mat(t(Proj::Up), &x.up).1 + mat(t(Proj::Down), &x.down).1);
+            cpu_only.push([&x.gate, &x.up, &x.down].iter().find_map(|m| unsupported(m.qtype)));
         }
     }
     ModelBytes {
@@ -76,6 +83,8 @@ pub fn model_bytes(config: &GrokConfig, w: &Weights) -> ModelBytes {
         dense,
         experts,
         kv_bytes_per_token: kv_bytes_per_token(config),
+        cpu_only,
+        dense_cpu_only,
     }
 }
 
@@ -221,6 +230,15 @@ impl PlacedModel {
     /// The device's plan, when there is a device.
     pub fn device_plan(&self) -> Option<&GpuPlan> {
         self.device.as_ref().map(Device::plan)
+    }
+
+    /// The emulated device, when the run is on one.
+    pub fn emulated_device(&self) -> Option<&EmulatedDevice> {
+        match self.device.as_ref()? {
+            Device::Emulated(d, _) => Some(d),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(..) => None,
+        }
     }
 
     /// The device's counts so far, when there is one.

@@ -78,10 +78,12 @@ pub enum QuantType {
     Iq4Nl,
     Q4K,
     Q4S,
+    Q3S,
+    Q2S,
 }
 
 impl QuantType {
-    pub const ALL: [QuantType; 7] = [
+    pub const ALL: [QuantType; 9] = [
         QuantType::F32,
         QuantType::Bf16,
         QuantType::Q8_0,
@@ -89,6 +91,8 @@ impl QuantType {
         QuantType::Iq4Nl,
         QuantType::Q4K,
         QuantType::Q4S,
+        QuantType::Q3S,
+        QuantType::Q2S,
     ];
 
     /// The int4 type for rows of `cols` weights: q4_s (lowest error at 4.5 bits) when the row is
@@ -98,11 +102,13 @@ impl QuantType {
     }
 
     /// The type that stores rows of `cols` weights when `self` is asked for: the super-block
-    /// types (q4_s, q4_k) need whole 256-weight super-blocks, and other rows get iq4_nl, the
+    /// types (q4_s, q4_k, q3_s, q2_s) need whole 256-weight super-blocks, and other rows get iq4_nl, the
     /// int4 with 32-weight blocks. Every other type is itself.
     pub fn for_row(self, cols: usize) -> QuantType {
         match self {
-            QuantType::Q4S | QuantType::Q4K if cols % QK_K != 0 => QuantType::Iq4Nl,
+            QuantType::Q4S | QuantType::Q4K | QuantType::Q3S | QuantType::Q2S if cols % QK_K != 0 => {
+                QuantType::Iq4Nl
+            }
             q => q,
         }
     }
@@ -114,6 +120,8 @@ impl QuantType {
             QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Iq4Nl => QK,
             QuantType::Q4K => QK_K,
             QuantType::Q4S => q4_s::QK_S,
+            QuantType::Q3S => q3_s::QK,
+            QuantType::Q2S => q2_s::QK,
         }
     }
 
@@ -126,6 +134,8 @@ impl QuantType {
             QuantType::Iq4Nl => iq4_nl::BLOCK_BYTES,
             QuantType::Q4K => q4_k::BLOCK_BYTES,
             QuantType::Q4S => q4_s::BLOCK_BYTES,
+            QuantType::Q3S => q3_s::BLOCK_BYTES,
+            QuantType::Q2S => q2_s::BLOCK_BYTES,
         }
     }
 
@@ -147,6 +157,8 @@ impl QuantType {
             QuantType::Iq4Nl => "iq4_nl",
             QuantType::Q4K => "q4_k",
             QuantType::Q4S => "q4_s",
+            QuantType::Q3S => "q3_s",
+            QuantType::Q2S => "q2_s",
         }
     }
 
@@ -170,6 +182,8 @@ impl QuantType {
             QuantType::Iq4Nl => iq4_nl::quantize_row(row, out),
             QuantType::Q4K => q4_k::quantize_row(row, out),
             QuantType::Q4S => q4_s::quantize_row(row, out),
+            QuantType::Q3S => q3_s::quantize_row(row, None, out),
+            QuantType::Q2S => q2_s::quantize_row(row, None, out),
         }
     }
 
@@ -192,6 +206,8 @@ impl QuantType {
             QuantType::Iq4Nl => iq4_nl::dequantize_row(bytes, out),
             QuantType::Q4K => q4_k::dequantize_row(bytes, out),
             QuantType::Q4S => q4_s::dequantize_row(bytes, out),
+            QuantType::Q3S => q3_s::dequantize_row(bytes, out),
+            QuantType::Q2S => q2_s::dequantize_row(bytes, out),
         }
     }
 }
@@ -204,8 +220,8 @@ impl fmt::Display for QuantType {
 
 impl FromStr for QuantType {
     type Err = String;
-    /// Accepts the type names and the CLI's short forms: `q8` = q8_0, `q4` = q4_s (the converter
-    /// gives rows that are not whole super-blocks iq4_nl: `for_row`).
+    /// Accepts the type names and the CLI's short forms: `q8` = q8_0, `q4` = q4_s, `q3` = q3_s,
+    /// `q2` = q2_s (the converter gives rows that are not whole super-blocks iq4_nl: `for_row`).
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
             "f32" => Ok(QuantType::F32),
@@ -215,8 +231,10 @@ impl FromStr for QuantType {
             "iq4_nl" => Ok(QuantType::Iq4Nl),
             "q4_k" => Ok(QuantType::Q4K),
             "q4" | "q4_s" => Ok(QuantType::Q4S),
+            "q3" | "q3_s" => Ok(QuantType::Q3S),
+            "q2" | "q2_s" => Ok(QuantType::Q2S),
             _ => Err(format!(
-                "unknown quantization type `{s}` (expected f32, bf16, q8, q4, q4_0, iq4_nl, q4_k, q4_s)"
+                "unknown quantization type `{s}` (expected f32, bf16, q8, q4, q3, q2, q4_0, iq4_nl, q4_k, q4_s, q3_s, q2_s)"
             )),
         }
     }

@@ -7,6 +7,10 @@
 //! | small  | 8192   | 512     | 6      | 8 top-2 | 8 / 2      | 64       | 1536 | 242.8 MB                |
 //! | bench  | 131072 | 2048    | 8      | 8 top-2 | 16 / 4     | 128      | 8192 | 7.147 GB                |
 //! | large  | 131072 | 2048    | 20     | 8 top-2 | 16 / 4     | 128      | 8192 | 17.06 GB                |
+//! | grok-layers | 32768 | 6144 | 2     | 8 top-2 | 48 / 8     | 128      | 32768 | 20.08 GB               |
+//!
+//! `grok-layers` has Grok-1's layer shapes (two of its 64 layers, a smaller vocabulary): decode
+//! speed on it is what one of Grok-1's layers costs, on a model that fits a GPU check's disk.
 //!
 //! Multipliers follow the fixtures: embedding sqrt(d_model), attention 1/sqrt(head_dim), output
 //! 1/sqrt(3); eps 1e-5, RoPE base 1e4, attention soft-cap 30.
@@ -111,7 +115,7 @@ fn shape(
 }
 
 impl Preset {
-    pub const NAMES: [&'static str; 5] = ["micro", "tiny", "small", "bench", "large"];
+    pub const NAMES: [&'static str; 6] = ["micro", "tiny", "small", "bench", "large", "grok-layers"];
 
     pub fn by_name(name: &str) -> Option<Preset> {
         let (about, config) = match name {
@@ -131,6 +135,10 @@ impl Preset {
             "large" => (
                 "bench proportions with 20 layers; 17.1 GB, for memory-budget tests",
                 shape(131072, 2048, 20, 8, 2, 16, 4, 128, 8192),
+            ),
+            "grok-layers" => (
+                "two layers of Grok-1's shapes, vocab 32768; 10.0 B parameters, 20.1 GB",
+                shape(32768, 6144, 2, 8, 2, 48, 8, 128, 32768),
             ),
             _ => return None,
         };
@@ -215,6 +223,10 @@ mod tests {
         assert_eq!(Preset::by_name("small").unwrap().params(), 121_410_048);
         assert_eq!(Preset::by_name("large").unwrap().params(), 8_531_707_904);
         assert_eq!(Preset::by_name("micro").unwrap().params(), 435_776);
+        // 2 layers x (attention 2 x 6144 x 6144 + 2 x 6144 x 1024 = 88,080,384, router 49,152,
+        // norms 24,576, experts 8 x 3 x 6144 x 32768 = 4,831,838,208) + embedding 201,326,592
+        // + final norm 6,144.
+        assert_eq!(Preset::by_name("grok-layers").unwrap().params(), 10_041_317_376);
     }
 
     #[test]

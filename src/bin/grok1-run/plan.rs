@@ -23,7 +23,7 @@ pub struct PlanArgs {
     pcie_bw: Option<f64>,
     #[arg(long)]
     gpu_bw: Option<f64>,
-    /// Expert type: q4 or q8.
+    /// Expert type: q8, q4, q3 or q2.
     #[arg(long, default_value = "q4")]
     experts: QuantType,
     /// Dense type.
