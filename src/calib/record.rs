@@ -5,15 +5,7 @@ use super::{Calibration, Origin};
 use crate::config::GrokConfig;
 use std::sync::Mutex;
 
-/// Told what the MoE routes and computes, for calibration. Absent in normal runs, where the
-/// MoE pays one `Option` test per token and per expert.
-pub trait MoeObserver: Send + Sync {
-    /// Token routed in `layer`: the softmax over all experts and the `k` chosen (expert, gate).
-    fn routed(&self, layer: usize, probs: &[f32], chosen: &[(usize, f32)]);
-    /// Expert `expert` of `layer` ran on `members` (row of `xn`, gate); `hidden` holds, per
-    /// member in order, the GeGLU output that is `down`'s input (`[members.len(), ffn]`).
-    fn expert_ran(&self, layer: usize, expert: usize, xn: &[f32], members: &[(usize, f32)], hidden: &[f32]);
-}
+pub use crate::model::observe::MoeObserver;
 
 /// Sums in f64: a long text adds millions of rows into each column.
 struct Sums {

@@ -9,7 +9,7 @@ use super::backend::{Backend, Cpu};
 use super::kv_cache::KvCache;
 use super::moe::{moe, MoeScratch};
 use super::weights::Weights;
-use crate::calib::MoeObserver;
+use super::observe::MoeObserver;
 use crate::checkpoint::Tensor;
 use crate::config::GrokConfig;
 use crate::error::{Error, Result};
@@ -26,6 +26,8 @@ pub struct Model {
     attn: AttnParams,
     /// Buffers of the decode loop on the CPU, kept between tokens.
     decode_scratch: Mutex<Scratch<Vec<f32>>>,
+    /// Told what every forward pass routes (a routing trace), when set.
+    observer: Option<Arc<dyn MoeObserver>>,
 }
 
 // One model serves any number of caches, from any thread.
@@ -88,7 +90,14 @@ impl Model {
             store,
             expert_bytes,
             decode_scratch: Mutex::new(Scratch::default()),
+            observer: None,
         })
+    }
+
+    /// Tell `observer` what every later forward pass routes, on any backend (a call's own
+    /// observer, as `prefill_observed` sets, goes first).
+    pub fn set_observer(&mut self, observer: Arc<dyn MoeObserver>) {
+        self.observer = Some(observer);
     }
 
     /// The expert store, when experts are streamed.
@@ -198,6 +207,12 @@ impl Model {
         let (d, qd, kvd, hd) = (c.d_model, c.q_dim(), c.kv_dim(), c.head_dim);
         let eps = c.rms_norm_eps as f32;
         self.check_call(tokens, cache, emit, logits)?;
+        if s.moe.observer.is_none() {
+            s.moe.observer = self.observer.clone();
+        }
+        if let Some(o) = &s.moe.observer {
+            o.pass_started(p0, t_n);
+        }
 
         // The new positions' pad flags must be in place before any layer attends to them.
         cache.append_tokens(tokens);

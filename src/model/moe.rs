@@ -9,7 +9,7 @@ use super::backend::Backend;
 use super::geglu::{expert_rows, ExpertScratch};
 use super::ops::{dot, grow, softmax};
 use super::weights::Weights;
-use crate::calib::MoeObserver;
+use super::observe::MoeObserver;
 use crate::error::Result;
 use crate::residency::ExpertSource;
 use std::sync::Arc;

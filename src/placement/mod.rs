@@ -95,6 +95,15 @@ pub fn plan_for(bytes: &ModelBytes, config: &GrokConfig, budget: u64, kv_tokens:
     plan(bytes, config, budget, &default_ranking(config.n_layers, config.n_experts), kv_tokens, batch)
 }
 
+/// `plan_for` with the experts in `ranking`'s order (hottest first: a routing trace's), or
+/// the default ranking when `None`.
+pub fn plan_ranked(bytes: &ModelBytes, config: &GrokConfig, budget: u64, ranking: Option<&[(usize, usize)]>, kv_tokens: usize, batch: usize) -> Result<GpuPlan> {
+    match ranking {
+        Some(r) => plan(bytes, config, budget, r, kv_tokens, batch),
+        None => plan_for(bytes, config, budget, kv_tokens, batch),
+    }
+}
+
 /// The devices a model can be placed on (one per model: their size does not matter).
 #[allow(clippy::large_enum_variant)]
 enum Device {
@@ -149,6 +158,18 @@ impl PlacedModel {
     /// prefill batches up to `batch` tokens. Also returns a line saying where it runs (and,
     /// when a device was asked for and is not used, why).
     pub fn place(model: Model, files: &ConvertedModel, choice: DeviceChoice, kv_tokens: usize, batch: usize) -> Result<(PlacedModel, String)> {
+        PlacedModel::place_ranked(model, files, choice, kv_tokens, batch, None)
+    }
+
+    /// `place`, with the device taking experts in `ranking`'s order (`--placement-trace`).
+    pub fn place_ranked(
+        model: Model,
+        files: &ConvertedModel,
+        choice: DeviceChoice,
+        kv_tokens: usize,
+        batch: usize,
+        ranking: Option<&[(usize, usize)]>,
+    ) -> Result<(PlacedModel, String)> {
         let config = model.config().clone();
         let budget = match choice {
             DeviceChoice::Cpu => return Ok((PlacedModel::cpu(model), "running on the CPU".into())),
@@ -161,7 +182,7 @@ impl PlacedModel {
                     Ok(info) => info,
                 };
                 let b = budget.unwrap_or_else(|| default_budget(info.free_bytes, info.total_bytes));
-                let p = plan_for(&ModelBytes::from_manifest(&files.manifest), &config, b, kv_tokens, batch)?;
+                let p = plan_ranked(&ModelBytes::from_manifest(&files.manifest), &config, b, ranking, kv_tokens, batch)?;
                 if let Some(why) = &p.refused {
                     return Ok((PlacedModel::cpu(model), format!("GPU {} not used: {why}; running on the CPU", info.name)));
                 }
@@ -169,7 +190,7 @@ impl PlacedModel {
             }
             DeviceChoice::Emulated { budget } => budget,
         };
-        let p = plan_for(&ModelBytes::from_manifest(&files.manifest), &config, budget, kv_tokens, batch)?;
+        let p = plan_ranked(&ModelBytes::from_manifest(&files.manifest), &config, budget, ranking, kv_tokens, batch)?;
         if let Some(why) = &p.refused {
             return Ok((PlacedModel::cpu(model), format!("emulated device not used: {why}; running on the CPU")));
         }

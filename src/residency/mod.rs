@@ -39,11 +39,13 @@ mod live;
 pub mod plan;
 pub mod policy;
 pub mod prefetch;
+pub mod replay;
 mod source;
 mod state;
 pub mod stats;
 mod store;
 pub mod tiers;
+pub mod trace;
 
 pub use crate::expert::Expert;
 pub use io::ReadPath;

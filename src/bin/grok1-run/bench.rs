@@ -146,5 +146,6 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             );
         }
     }
+    loaded.finish_trace()?;
     Ok(())
 }

@@ -33,6 +33,9 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
     if a.ctx == 0 {
         bail!("--ctx must be at least 1");
     }
+    if a.model.trace_routing.is_some() {
+        bail!("--trace-routing is for generate, logits and bench: calibration observes the router itself");
+    }
     let loaded = load(&a.model, Some(a.ctx))?;
     // The observer sees the experts the host computes: calibration runs on the CPU.
     let model = loaded.model.model();

@@ -119,6 +119,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(store) = model.model().store() {
         eprintln!("{}", store.stats().summary());
     }
+    loaded.finish_trace()?;
     Ok(())
 }
 
@@ -158,5 +159,6 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
     grok1::npy::write_f32(&a.out, &[tokens.len(), config.vocab_size], &all)
         .with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!("wrote logits [{}, {}] to {}", tokens.len(), config.vocab_size, a.out.display());
+    loaded.finish_trace()?;
     Ok(())
 }

@@ -1,11 +1,12 @@
 //! Loading a converted model, with a progress bar.
 
 use crate::ModelArgs;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use grok1::format::ConvertedModel;
 use grok1::model::Model;
 use grok1::placement::{DeviceChoice, PlacedModel};
 use grok1::tokenizer::Tokenizer;
+use grok1::residency::trace::{RoutingTrace, TraceShape, TraceWriter};
 use grok1::residency::{ExpertStore, StoreOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::Arc;
@@ -15,6 +16,18 @@ pub struct Loaded {
     pub model: PlacedModel,
     /// Where it runs, as printed.
     pub placement: String,
+    /// The routing trace being written (`--trace-routing`).
+    pub trace: Option<Arc<TraceWriter>>,
+}
+
+impl Loaded {
+    /// Flush the routing trace, if one is written; call after the last forward pass.
+    pub fn finish_trace(&self) -> Result<()> {
+        if let Some(t) = &self.trace {
+            t.finish()?;
+        }
+        Ok(())
+    }
 }
 
 pub fn set_threads(threads: Option<usize>) {
@@ -38,7 +51,7 @@ pub fn load(args: &ModelArgs, context: Option<usize>) -> Result<Loaded> {
         ProgressStyle::with_template("loading [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec}")
             .unwrap(),
     );
-    let model = if streamed {
+    let mut model = if streamed {
         let weights = grok1::model::load::load_dense_weights(&files, &mut |n| pb.inc(n))?;
         pb.finish_and_clear();
         let opts = StoreOptions {
@@ -66,11 +79,38 @@ pub fn load(args: &ModelArgs, context: Option<usize>) -> Result<Loaded> {
         (Some(budget), _) => DeviceChoice::Emulated { budget },
         (None, budget) => DeviceChoice::Gpu { budget },
     };
-    let context = context.unwrap_or(files.config().max_seq_len);
+    let config = files.config();
+    let shape = TraceShape { n_layers: config.n_layers, n_experts: config.n_experts, top_k: config.n_experts_per_token };
+    let trace = match &args.trace_routing {
+        Some(path) => {
+            let w = Arc::new(TraceWriter::create(path, shape, args.trace_append)?);
+            model.set_observer(w.clone());
+            Some(w)
+        }
+        None => None,
+    };
+    let ranking = match &args.placement_trace {
+        Some(path) => {
+            let t = RoutingTrace::read(path)?;
+            if (t.shape.n_layers, t.shape.n_experts) != (shape.n_layers, shape.n_experts) {
+                bail!(
+                    "{}: a trace of a model with {} layers of {} experts; this model has {} of {}",
+                    path.display(),
+                    t.shape.n_layers,
+                    t.shape.n_experts,
+                    shape.n_layers,
+                    shape.n_experts
+                );
+            }
+            Some(t.expert_ranking())
+        }
+        None => None,
+    };
+    let context = context.unwrap_or(config.max_seq_len);
     // Scratch for prefill batches of the whole context, up to 512 tokens at once.
-    let (model, line) = PlacedModel::place(model, &files, choice, context, context.min(512))?;
+    let (model, line) = PlacedModel::place_ranked(model, &files, choice, context, context.min(512), ranking.as_deref())?;
     eprintln!("{line}");
-    Ok(Loaded { files, model, placement: line })
+    Ok(Loaded { files, model, placement: line, trace })
 }
 
 /// The model's tokenizer, checked against the manifest's sha256.

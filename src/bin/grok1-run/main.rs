@@ -5,6 +5,7 @@ mod calibrate;
 mod generate;
 mod load;
 mod plan;
+mod replay;
 mod text;
 
 use anyhow::Result;
@@ -57,6 +58,17 @@ pub struct ModelArgs {
     /// copies, the CPU's kernels): the GPU schedule without a GPU, for tests.
     #[arg(long, value_parser = parse_size_arg, conflicts_with = "gpu_budget")]
     pub emulate_gpu: Option<u64>,
+    /// Write what the router chose and its probabilities, per token and layer, to this file
+    /// (a routing trace, formats/routing-trace.md), for `replay-trace` and `--placement-trace`.
+    #[arg(long)]
+    pub trace_routing: Option<PathBuf>,
+    /// Append to the `--trace-routing` file (of the same model) instead of replacing it.
+    #[arg(long, requires = "trace_routing")]
+    pub trace_append: bool,
+    /// Place experts on the device (`--gpu-budget`, `--emulate-gpu`) by how often this routing
+    /// trace used them, instead of spreading them evenly over the layers.
+    #[arg(long)]
+    pub placement_trace: Option<PathBuf>,
 }
 
 /// Sizes on the command line (`24GB`, `512MiB`), as `grok1::size::parse_size` reads them.
@@ -76,6 +88,9 @@ enum Cmd {
     Plan(plan::PlanArgs),
     /// Record what each expert sees on a text (for `grok1-convert convert --calibration`).
     Calibrate(calibrate::CalibrateArgs),
+    /// Replay a routing trace through expert cache policies (LRU, ARC, the store's decayed
+    /// frequency, and the offline optimum MIN) at several budgets; print their hit rates.
+    ReplayTrace(replay::ReplayArgs),
     /// Print the token ids (or pieces) of a text.
     Tokenize(text::TokenizeArgs),
     /// Print the text of a list of token ids.
@@ -89,6 +104,7 @@ fn main() {
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Plan(a) => plan::plan(a),
         Cmd::Calibrate(a) => calibrate::calibrate(a),
+        Cmd::ReplayTrace(a) => replay::replay(a),
         Cmd::Tokenize(a) => text::tokenize(a),
         Cmd::Detokenize(a) => text::detokenize(a),
     };
