@@ -32,6 +32,7 @@ pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod npy;
+pub mod observe;
 pub mod placement;
 pub mod quant;
 pub mod residency;

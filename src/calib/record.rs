@@ -5,7 +5,7 @@ use super::{Calibration, Origin};
 use crate::config::GrokConfig;
 use std::sync::Mutex;
 
-pub use crate::model::observe::MoeObserver;
+pub use crate::observe::MoeObserver;
 
 /// Sums in f64: a long text adds millions of rows into each column.
 struct Sums {

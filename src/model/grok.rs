@@ -9,7 +9,7 @@ use super::backend::{Backend, Cpu};
 use super::kv_cache::KvCache;
 use super::moe::{moe, MoeScratch};
 use super::weights::Weights;
-use super::observe::MoeObserver;
+use crate::observe::MoeObserver;
 use crate::checkpoint::Tensor;
 use crate::config::GrokConfig;
 use crate::error::{Error, Result};

@@ -8,7 +8,6 @@ mod grok;
 pub mod kv_cache;
 pub mod load;
 pub mod moe;
-pub mod observe;
 pub mod ops;
 pub mod weights;
 

@@ -9,7 +9,7 @@ use super::backend::Backend;
 use super::geglu::{expert_rows, ExpertScratch};
 use super::ops::{dot, grow, softmax};
 use super::weights::Weights;
-use super::observe::MoeObserver;
+use crate::observe::MoeObserver;
 use crate::error::Result;
 use crate::residency::ExpertSource;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! The bytes are described in `formats/routing-trace.md`.
 
 use crate::error::{Error, Result};
-use crate::model::observe::MoeObserver;
+use crate::observe::MoeObserver;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};

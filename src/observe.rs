@@ -1,7 +1,7 @@
 //! The MoE's observer hook: told what each forward pass routes and computes. Calibration
-//! (`calib::Recorder`) and routing traces (`residency::trace`) implement it; the model owns the
-//! trait so that neither of them owns the other's hook. Absent in normal runs, where the MoE
-//! pays one `Option` test per token and per expert.
+//! (`calib::Recorder`) and routing traces (`residency::trace`) implement it; the trait sits below
+//! the model, calibration and residency alike, so that none of them imports another for it.
+//! Absent in normal runs, where the MoE pays one `Option` test per token and per expert.
 
 /// Told what the MoE routes and computes.
 pub trait MoeObserver: Send + Sync {
