@@ -83,43 +83,61 @@ impl TileLayout for K4Tiles {
     }
 }
 
-/// Repack ggml q4_k rows (`bytes`) of tiles `first..` into `out` (whole tiles, zeroed or an
-/// earlier packing of the same shape: padding rows are never written).
-fn pack(k: &K4Tiles, rows: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
-    let tb = k.tile_bytes();
-    if tb == 0 {
+/// The loop every super-block layout's `pack` shares: for each real row `i` of tiles `first..`
+/// of `out` (padding rows are never visited) and each of its on-disk super-blocks `src`
+/// (`block_bytes` each), `f(sb, i, src)` with `sb` that super-block's `sb_bytes` in the tile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn for_each_row_superblock(
+    tile_bytes: usize,
+    sb_bytes: usize,
+    block_bytes: usize,
+    rows: usize,
+    bytes: &[u8],
+    first: usize,
+    out: &mut [u8],
+    mut f: impl FnMut(&mut [u8], usize, &[u8]),
+) {
+    if tile_bytes == 0 {
         return;
     }
-    let rb = k.nsb * BLOCK_BYTES;
-    for (ti, tile) in out.chunks_exact_mut(tb).enumerate() {
+    let nsb = tile_bytes / sb_bytes;
+    let rb = nsb * block_bytes;
+    for (ti, tile) in out.chunks_exact_mut(tile_bytes).enumerate() {
         let ti = first + ti;
         for i in 0..TILE.min(rows.saturating_sub(ti * TILE)) {
             let row = &bytes[(ti * TILE + i) * rb..(ti * TILE + i + 1) * rb];
-            for (s, src) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-                let sb = &mut tile[s * SB_BYTES..(s + 1) * SB_BYTES];
-                sb[D_OFF + 2 * i..D_OFF + 2 * i + 2].copy_from_slice(&src[0..2]);
-                sb[DMIN_OFF + 2 * i..DMIN_OFF + 2 * i + 2].copy_from_slice(&src[2..4]);
-                let qs = &src[16..];
-                for j in 0..SUB {
-                    let (sc, m) = scale_min(j, &src[4..16]);
-                    sb[SC_OFF + j * TILE + i] = sc;
-                    sb[M_OFF + j * TILE + i] = m;
-                    // Sub-block j = 2c + h is nibble h of bytes 32c..32c+32; as a 4-bit block,
-                    // byte k*64 + i*4 + jj holds weights 4k+jj (low) and 4k+jj+16 (high).
-                    let (c, shift) = (j / 2, 4 * (j % 2));
-                    for kk in 0..4 {
-                        let word = |at: usize| {
-                            let w = u32::from_le_bytes(qs[32 * c + at..32 * c + at + 4].try_into().unwrap());
-                            (w >> shift) & 0x0f0f_0f0f
-                        };
-                        let byte4 = word(4 * kk) | (word(16 + 4 * kk) << 4);
-                        let at = j * 256 + kk * 64 + i * 4;
-                        sb[at..at + 4].copy_from_slice(&byte4.to_le_bytes());
-                    }
-                }
+            for (s, src) in row.chunks_exact(block_bytes).enumerate() {
+                f(&mut tile[s * sb_bytes..(s + 1) * sb_bytes], i, src);
             }
         }
     }
+}
+
+/// Repack ggml q4_k rows (`bytes`) of tiles `first..` into `out` (whole tiles, zeroed or an
+/// earlier packing of the same shape: padding rows are never written).
+fn pack(k: &K4Tiles, rows: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
+    for_each_row_superblock(k.tile_bytes(), SB_BYTES, BLOCK_BYTES, rows, bytes, first, out, |sb, i, src| {
+        sb[D_OFF + 2 * i..D_OFF + 2 * i + 2].copy_from_slice(&src[0..2]);
+        sb[DMIN_OFF + 2 * i..DMIN_OFF + 2 * i + 2].copy_from_slice(&src[2..4]);
+        let qs = &src[16..];
+        for j in 0..SUB {
+            let (sc, m) = scale_min(j, &src[4..16]);
+            sb[SC_OFF + j * TILE + i] = sc;
+            sb[M_OFF + j * TILE + i] = m;
+            // Sub-block j = 2c + h is nibble h of bytes 32c..32c+32; as a 4-bit block,
+            // byte k*64 + i*4 + jj holds weights 4k+jj (low) and 4k+jj+16 (high).
+            let (c, shift) = (j / 2, 4 * (j % 2));
+            for kk in 0..4 {
+                let word = |at: usize| {
+                    let w = u32::from_le_bytes(qs[32 * c + at..32 * c + at + 4].try_into().unwrap());
+                    (w >> shift) & 0x0f0f_0f0f
+                };
+                let byte4 = word(4 * kk) | (word(16 + 4 * kk) << 4);
+                let at = j * 256 + kk * 64 + i * 4;
+                sb[at..at + 4].copy_from_slice(&byte4.to_le_bytes());
+            }
+        }
+    });
 }
 
 /// Row `r` as f32, bit for bit the reference decoder's.

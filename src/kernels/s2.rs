@@ -18,6 +18,7 @@
 //! `2q, 2q + 1`. Rows 0..8 are the first 32 bytes of each vector, rows 8..16 the last.
 //! 2.625 bits per weight in memory against the on-disk 2.5625 (the padding).
 
+use super::k4::for_each_row_superblock;
 use super::layout::{Job, TileLayout};
 use super::pack::TILE;
 use crate::quant::bytes::f16_at;
@@ -115,40 +116,28 @@ impl TileLayout for S2Tiles {
 /// Repack q2_s rows (`bytes`) of tiles `first..` into `out` (whole tiles, zeroed or an earlier
 /// packing of the same shape: padding rows are never written).
 fn pack(k: &S2Tiles, rows: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
-    let tb = k.tile_bytes();
-    if tb == 0 {
-        return;
-    }
-    let rb = k.nsb * BLOCK_BYTES;
-    for (ti, tile) in out.chunks_exact_mut(tb).enumerate() {
-        let ti = first + ti;
-        for i in 0..TILE.min(rows.saturating_sub(ti * TILE)) {
-            let row = &bytes[(ti * TILE + i) * rb..(ti * TILE + i + 1) * rb];
-            for (s, src) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-                let sb = &mut tile[s * SB_BYTES..(s + 1) * SB_BYTES];
-                sb[D_OFF + 2 * i..D_OFF + 2 * i + 2].copy_from_slice(&src[0..2]);
-                for b in 0..SUB {
-                    // Sub-scales 4b .. 4b + 4 are the two bytes 2 + 2b, 3 + 2b, already as two
-                    // nibbles each in the order the tile keeps them.
-                    sb[SC_OFF + 32 * b + i] = src[2 + 2 * b];
-                    sb[SC_OFF + 32 * b + 16 + i] = src[3 + 2 * b];
-                    // On disk, weight 32b + l has its index in bits 2 (b % 4) of byte
-                    // 32 (b / 4) + l.
-                    let (q, shift) = (&src[QS + 32 * (b / 4)..QS + 32 * (b / 4) + 32], 2 * (b % 4));
-                    let blk = &mut sb[b * BLK_BYTES..(b + 1) * BLK_BYTES];
-                    for jj in 0..4 {
-                        let (mut c0, mut c1) = (0u8, 0u8);
-                        for g in 0..4 {
-                            c0 |= ((q[4 * g + jj] >> shift) & 3) << (2 * g);
-                            c1 |= ((q[16 + 4 * g + jj] >> shift) & 3) << (2 * g);
-                        }
-                        blk[i * 4 + jj] = c0;
-                        blk[64 + i * 4 + jj] = c1;
-                    }
+    for_each_row_superblock(k.tile_bytes(), SB_BYTES, BLOCK_BYTES, rows, bytes, first, out, |sb, i, src| {
+        sb[D_OFF + 2 * i..D_OFF + 2 * i + 2].copy_from_slice(&src[0..2]);
+        for b in 0..SUB {
+            // Sub-scales 4b .. 4b + 4 are the two bytes 2 + 2b, 3 + 2b, already as two
+            // nibbles each in the order the tile keeps them.
+            sb[SC_OFF + 32 * b + i] = src[2 + 2 * b];
+            sb[SC_OFF + 32 * b + 16 + i] = src[3 + 2 * b];
+            // On disk, weight 32b + l has its index in bits 2 (b % 4) of byte
+            // 32 (b / 4) + l.
+            let (q, shift) = (&src[QS + 32 * (b / 4)..QS + 32 * (b / 4) + 32], 2 * (b % 4));
+            let blk = &mut sb[b * BLK_BYTES..(b + 1) * BLK_BYTES];
+            for jj in 0..4 {
+                let (mut c0, mut c1) = (0u8, 0u8);
+                for g in 0..4 {
+                    c0 |= ((q[4 * g + jj] >> shift) & 3) << (2 * g);
+                    c1 |= ((q[16 + 4 * g + jj] >> shift) & 3) << (2 * g);
                 }
+                blk[i * 4 + jj] = c0;
+                blk[64 + i * 4 + jj] = c1;
             }
         }
-    }
+    });
 }
 
 /// 2-bit index of weight `e` (0..32) of row `i` in the block whose crumbs start at `blk`.

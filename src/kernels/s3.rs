@@ -22,6 +22,7 @@
 //! 3.375 bits per weight in memory against the on-disk 3.28125: the sub-scales are whole bytes
 //! and the grid bits per row.
 
+use super::k4::for_each_row_superblock;
 use super::layout::{Job, TileLayout};
 use super::pack::TILE;
 use crate::quant::bytes::f16_at;
@@ -105,49 +106,37 @@ impl TileLayout for S3Tiles {
 /// Repack q3_s rows (`bytes`) of tiles `first..` into `out` (whole tiles, zeroed or an earlier
 /// packing of the same shape: padding rows are never written, and every byte a real row owns is).
 fn pack(k: &S3Tiles, rows: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
-    let tb = k.tile_bytes();
-    if tb == 0 {
-        return;
-    }
-    let rb = k.nsb * BLOCK_BYTES;
-    for (ti, tile) in out.chunks_exact_mut(tb).enumerate() {
-        let ti = first + ti;
-        for i in 0..TILE.min(rows.saturating_sub(ti * TILE)) {
-            let row = &bytes[(ti * TILE + i) * rb..(ti * TILE + i + 1) * rb];
-            for (s, src) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-                let sb = &mut tile[s * SB_BYTES..(s + 1) * SB_BYTES];
-                sb[D_OFF + 2 * i..D_OFF + 2 * i + 2].copy_from_slice(&src[0..2]);
-                let sel = u16::from_le_bytes([src[7], src[8]]);
-                let sc = unpack_scales(&src[2..7]);
-                for b in 0..SUB {
-                    sb[SC_OFF + b * TILE + i] = sc[b] as u8;
-                    for h in 0..2 {
-                        let at = SEL_OFF + 4 * b + 2 * h;
-                        let mut m = u16::from_le_bytes([sb[at], sb[at + 1]]) & !(1 << i);
-                        m |= ((sel >> (2 * b + h)) & 1) << i;
-                        sb[at..at + 2].copy_from_slice(&m.to_le_bytes());
+    for_each_row_superblock(k.tile_bytes(), SB_BYTES, BLOCK_BYTES, rows, bytes, first, out, |sb, i, src| {
+        sb[D_OFF + 2 * i..D_OFF + 2 * i + 2].copy_from_slice(&src[0..2]);
+        let sel = u16::from_le_bytes([src[7], src[8]]);
+        let sc = unpack_scales(&src[2..7]);
+        for b in 0..SUB {
+            sb[SC_OFF + b * TILE + i] = sc[b] as u8;
+            for h in 0..2 {
+                let at = SEL_OFF + 4 * b + 2 * h;
+                let mut m = u16::from_le_bytes([sb[at], sb[at + 1]]) & !(1 << i);
+                m |= ((sel >> (2 * b + h)) & 1) << i;
+                sb[at..at + 2].copy_from_slice(&m.to_le_bytes());
+            }
+            let blk = &mut sb[b * BLK_BYTES..(b + 1) * BLK_BYTES];
+            for jj in 0..4 {
+                let (mut c0, mut c1, mut hb) = (0u8, 0u8, 0u8);
+                for g in 0..8 {
+                    let n = disk_index(src, 32 * b + 4 * g + jj);
+                    let crumb = (n & 3) << (2 * (g % 4));
+                    if g < 4 {
+                        c0 |= crumb
+                    } else {
+                        c1 |= crumb
                     }
-                    let blk = &mut sb[b * BLK_BYTES..(b + 1) * BLK_BYTES];
-                    for jj in 0..4 {
-                        let (mut c0, mut c1, mut hb) = (0u8, 0u8, 0u8);
-                        for g in 0..8 {
-                            let n = disk_index(src, 32 * b + 4 * g + jj);
-                            let crumb = (n & 3) << (2 * (g % 4));
-                            if g < 4 {
-                                c0 |= crumb
-                            } else {
-                                c1 |= crumb
-                            }
-                            hb |= (n >> 2) << g;
-                        }
-                        blk[i * 4 + jj] = c0;
-                        blk[64 + i * 4 + jj] = c1;
-                        blk[128 + i * 4 + jj] = hb;
-                    }
+                    hb |= (n >> 2) << g;
                 }
+                blk[i * 4 + jj] = c0;
+                blk[64 + i * 4 + jj] = c1;
+                blk[128 + i * 4 + jj] = hb;
             }
         }
-    }
+    });
 }
 
 /// Table index (0..16) of weight `e` (0..32) of row `i` in the block whose planes start at

@@ -16,6 +16,7 @@
 //! ```
 //! 4.625 bits per weight in memory against the on-disk 4.5: the sub-scales are whole bytes.
 
+use super::k4::for_each_row_superblock;
 use super::layout::{Job, TileLayout};
 use super::pack::{nibble, TILE};
 use crate::quant::bytes::f16_at;
@@ -91,33 +92,21 @@ impl TileLayout for S4Tiles {
 /// Repack q4_s rows (`bytes`) of tiles `first..` into `out` (whole tiles, zeroed or an earlier
 /// packing of the same shape: padding rows are never written).
 fn pack(k: &S4Tiles, rows: usize, bytes: &[u8], first: usize, out: &mut [u8]) {
-    let tb = k.tile_bytes();
-    if tb == 0 {
-        return;
-    }
-    let rb = k.nsb * BLOCK_BYTES;
-    for (ti, tile) in out.chunks_exact_mut(tb).enumerate() {
-        let ti = first + ti;
-        for i in 0..TILE.min(rows.saturating_sub(ti * TILE)) {
-            let row = &bytes[(ti * TILE + i) * rb..(ti * TILE + i + 1) * rb];
-            for (s, src) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-                let sb = &mut tile[s * SB_BYTES..(s + 1) * SB_BYTES];
-                sb[D_OFF + 2 * i..D_OFF + 2 * i + 2].copy_from_slice(&src[0..2]);
-                let sc = unpack_scales(&src[2..16]);
-                for b in 0..SUB {
-                    sb[SLO_OFF + b * TILE + i] = sc[2 * b] as u8;
-                    sb[SHI_OFF + b * TILE + i] = sc[2 * b + 1] as u8;
-                    // Each block is an iq4_nl block's nibbles: byte 4k + jj moves as a whole to
-                    // k*64 + i*4 + jj.
-                    let q = &src[16 + 16 * b..32 + 16 * b];
-                    for kk in 0..4 {
-                        let at = b * 256 + kk * 64 + i * 4;
-                        sb[at..at + 4].copy_from_slice(&q[4 * kk..4 * kk + 4]);
-                    }
-                }
+    for_each_row_superblock(k.tile_bytes(), SB_BYTES, BLOCK_BYTES, rows, bytes, first, out, |sb, i, src| {
+        sb[D_OFF + 2 * i..D_OFF + 2 * i + 2].copy_from_slice(&src[0..2]);
+        let sc = unpack_scales(&src[2..16]);
+        for b in 0..SUB {
+            sb[SLO_OFF + b * TILE + i] = sc[2 * b] as u8;
+            sb[SHI_OFF + b * TILE + i] = sc[2 * b + 1] as u8;
+            // Each block is an iq4_nl block's nibbles: byte 4k + jj moves as a whole to
+            // k*64 + i*4 + jj.
+            let q = &src[16 + 16 * b..32 + 16 * b];
+            for kk in 0..4 {
+                let at = b * 256 + kk * 64 + i * 4;
+                sb[at..at + 4].copy_from_slice(&q[4 * kk..4 * kk + 4]);
             }
         }
-    }
+    });
 }
 
 /// Row `r` as f32, bit for bit the reference decoder's.
