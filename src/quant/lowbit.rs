@@ -399,6 +399,22 @@ pub(crate) fn split<const N: usize, const NP: usize>(x: &[f32]) -> [[f32; N]; NP
 /// Each round quantizes the training weights with the current levels, moves every level to the
 /// least-squares centroid of the weights assigned to it (in units of their scale), rescales
 /// so the largest level is 127; the printed integer levels are then measured on other weights.
+/// The argument checks of a low-bit type's `quantize_row`: whole super-blocks of `qk` weights,
+/// `block_bytes` each, and one importance per weight.
+pub(crate) fn check_quantize_args(name: &str, qk: usize, block_bytes: usize, row: &[f32], importance: Option<&[f32]>, out: &[u8]) {
+    assert_eq!(row.len() % qk, 0, "{name}: a row of {} weights is not a whole number of {qk}-weight super-blocks", row.len());
+    assert_eq!(out.len(), row.len() / qk * block_bytes, "{name}: output of {} bytes for {} weights", out.len(), row.len());
+    if let Some(w) = importance {
+        assert_eq!(w.len(), row.len(), "{name}: {} importance values for a row of {} weights", w.len(), row.len());
+    }
+}
+
+/// The argument checks of a low-bit type's `dequantize_row`.
+pub(crate) fn check_dequantize_args(name: &str, qk: usize, block_bytes: usize, bytes: &[u8], out: &[f32]) {
+    assert_eq!(bytes.len(), out.len() / qk * block_bytes, "{name}: {} bytes for {} weights", bytes.len(), out.len());
+    assert_eq!(out.len() % qk, 0, "{name}: {} weights is not a whole number of super-blocks", out.len());
+}
+
 #[cfg(test)]
 mod grid_training {
     use super::*;
@@ -511,3 +527,4 @@ mod grid_training {
         train::<4, 1, 8, 32>("q2_s", [[-3.0, -1.0, 1.0, 3.0].map(|v: f32| v * 20.0)], 1, (-8, 7), 12);
     }
 }
+

@@ -116,18 +116,13 @@ super::multiversion!(dequantize_rows, dequantize_row_generic, dequantize_row_avx
 /// `importance` (one value per weight, e.g. the mean squared activation of its input column)
 /// when given, else the plain squared error. Deterministic: the same bytes on every CPU.
 pub fn quantize_row(row: &[f32], importance: Option<&[f32]>, out: &mut [u8]) {
-    assert_eq!(row.len() % QK, 0, "q2_s: a row of {} weights is not a whole number of {QK}-weight super-blocks", row.len());
-    assert_eq!(out.len(), row.len() / QK * BLOCK_BYTES, "q2_s: output of {} bytes for {} weights", out.len(), row.len());
-    if let Some(w) = importance {
-        assert_eq!(w.len(), row.len(), "q2_s: {} importance values for a row of {} weights", w.len(), row.len());
-    }
+    super::lowbit::check_quantize_args("q2_s", QK, BLOCK_BYTES, row, importance, out);
     quantize_rows(row, importance, out)
 }
 
 /// Decode `bytes` (whole blocks) into `out.len()` weights.
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    assert_eq!(bytes.len(), out.len() / QK * BLOCK_BYTES, "q2_s: {} bytes for {} weights", bytes.len(), out.len());
-    assert_eq!(out.len() % QK, 0, "q2_s: {} weights is not a whole number of super-blocks", out.len());
+    super::lowbit::check_dequantize_args("q2_s", QK, BLOCK_BYTES, bytes, out);
     dequantize_rows(bytes, out)
 }
 
